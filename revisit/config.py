@@ -1,0 +1,230 @@
+"""Settings: one validated object, built once at start-up and passed down.
+
+Values come, highest priority first, from keyword arguments, environment
+variables prefixed ``REVISIT_`` (nested sections joined by ``__``, e.g.
+``REVISIT_POSTGRES__PORT``) and an optional TOML file (``revisit --config
+FILE`` or ``REVISIT_CONFIG``). An invalid value stops the program with one line
+that names the setting and the problem (:class:`revisit.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from revisit.errors import ConfigError
+
+ENV_PREFIX = "REVISIT_"
+ENV_NESTED_DELIMITER = "__"
+DATABASE_URL_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+# The TOML file of the Settings being built; a context variable rather than a
+# global so that two threads can load two configurations.
+_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "revisit_toml_file", default=None
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresSettings(_Section):
+    """The embedded PostgreSQL cluster, used when no ``database_url`` is set."""
+
+    bin_dir: Path | None = Field(
+        default=None,
+        description="Directory holding initdb, pg_ctl and pg_config; found on its own when unset.",
+    )
+    os_user: str = Field(
+        default="postgres",
+        min_length=1,
+        pattern=r"^[a-z_][a-z0-9_-]*$",
+        description="Unprivileged OS user that owns the cluster when revisit runs as root.",
+    )
+    port: int = Field(
+        default=5432,
+        ge=1024,
+        le=65535,
+        description="Names the Unix socket; the embedded cluster never listens on TCP.",
+    )
+    start_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class SentinelHubSettings(_Section):
+    """Credentials and endpoints of the Sentinel Hub source."""
+
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    base_url: str = "https://sh.dataspace.copernicus.eu"
+    token_url: str = (
+        "https://identity.dataspace.copernicus.eu/auth/realms/CDSE/protocol/openid-connect/token"
+    )
+
+    @field_validator("base_url", "token_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything revisit can be configured with.
+
+    Attributes:
+        data_dir: Where revisit keeps its state: the embedded database
+            (``postgres/``), chips, checkpoints and exports. Made absolute
+            against the working directory at load time.
+        database_url: A PostgreSQL/PostGIS server to use instead of the
+            embedded cluster (``postgresql://user:password@host:port/db``).
+            Never logged or printed with its password.
+        log_level: Threshold of the log.
+        log_format: ``json`` (one object per line), ``text``, or ``auto``:
+            JSON unless standard error is a terminal.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    data_dir: Path = Path("var")
+    database_url: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    postgres: PostgresSettings = PostgresSettings()
+    sentinelhub: SentinelHubSettings = SentinelHubSettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in DATABASE_URL_SCHEMES:
+            raise ValueError(
+                f"must be a PostgreSQL URL ({', '.join(s + '://' for s in DATABASE_URL_SCHEMES)}),"
+                f" not {parts.scheme or 'a bare string'}"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _toml_file.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether revisit runs its own PostgreSQL cluster (no ``database_url``)."""
+        return self.database_url is None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the Settings.
+
+    Args:
+        config_file: An optional TOML file; environment variables override it.
+        **overrides: Values that override every other source.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: The file is missing or not TOML, or a value is invalid;
+            the message is one line naming the setting and the problem.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file}: no such file")
+        try:
+            with config_file.open("rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: not valid TOML: {exc}") from None
+    token = _toml_file.set(config_file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, config_file=config_file)) from None
+    finally:
+        _toml_file.reset(token)
+
+
+_SECRET_HINTS = ("secret", "password", "database_url", "token")
+
+
+def describe_validation_error(exc: ValidationError, *, config_file: Path | None = None) -> str:
+    """Turn a pydantic ValidationError into one line that names each bad setting.
+
+    Secret values are never echoed.
+    """
+    parts = []
+    for error in exc.errors(include_url=False):
+        loc = [str(p) for p in error["loc"]]
+        name = ".".join(loc) or "settings"
+        env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(loc).upper()
+        message = str(error["msg"])
+        if error["type"] == "extra_forbidden":
+            where = f" in {config_file}" if config_file else ""
+            parts.append(f"unknown setting {name}{where}")
+            continue
+        given = ""
+        if error["type"] != "missing" and not any(h in name.lower() for h in _SECRET_HINTS):
+            given = f" (got {error['input']!r})"
+        parts.append(f"invalid setting {name} ({env}): {message}{given}")
+    return "; ".join(parts).replace("\n", " ")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``.
+
+    Works on libpq URIs and SQLAlchemy URLs alike; a password given as a
+    ``password=`` query parameter is masked too.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostinfo}" if sep else f"{user}@{hostinfo}"
+    query = "&".join(
+        f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep_ else k)
+        for k, sep_, v in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment))

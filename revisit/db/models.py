@@ -1,0 +1,359 @@
+"""The relational model of revisit (DESIGN §2), as SQLAlchemy declarative classes.
+
+The Alembic migrations are the truth about the schema; these classes describe
+the same tables for queries and for ``alembic revision --autogenerate``, and a
+test checks that the two agree. Every geometry is EPSG:4326 and carries a GiST
+index. Pixels never live here: an ``observation`` points at a chip file by its
+content hash.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from geoalchemy2 import Geometry
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SRID = 4326
+
+METHODS = ("moco", "tp", "geo-tp", "seco", "teco", "caco")
+LOCATION_ORIGINS = ("urban-gaussian", "aoi-grid", "manual")
+SCENE_LEVELS = ("L1C", "L2A")
+SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
+ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
+
+# Constraint names follow one convention so that migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _fraction(column: str) -> CheckConstraint:
+    return CheckConstraint(f"{column} >= 0 AND {column} <= 1", name=f"{column}_fraction")
+
+
+def _lonlat_bounds(column: str) -> CheckConstraint:
+    """Every coordinate of ``column`` is a valid longitude/latitude."""
+    return CheckConstraint(
+        f"ST_XMin({column}) >= -180 AND ST_XMax({column}) <= 180"
+        f" AND ST_YMin({column}) >= -90 AND ST_YMax({column}) <= 90",
+        name=f"{column}_lonlat",
+    )
+
+
+def _sha256(column: str) -> CheckConstraint:
+    return CheckConstraint(f"{column} ~ '^[0-9a-f]{{64}}$'", name=f"{column}_hex")
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+def _geometry(geometry_type: str) -> Geometry:
+    return Geometry(geometry_type=geometry_type, srid=SRID, spatial_index=False)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Aoi(Base):
+    """An area a user asked revisit to watch."""
+
+    __tablename__ = "aoi"
+    __table_args__ = (
+        CheckConstraint("char_length(name) BETWEEN 1 AND 128", name="name_length"),
+        CheckConstraint("ST_IsValid(geom)", name="geom_valid"),
+        _lonlat_bounds("geom"),
+        Index("ix_aoi_geom", "geom", postgresql_using="gist"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    geom: Mapped[Any] = mapped_column(_geometry("MULTIPOLYGON"), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Location(Base):
+    """One place the learner knows: a chip centre and its footprint."""
+
+    __tablename__ = "location"
+    __table_args__ = (
+        _lonlat_bounds("geom"),
+        _lonlat_bounds("footprint"),
+        CheckConstraint(_in("origin", LOCATION_ORIGINS), name="origin_known"),
+        CheckConstraint(
+            "epsg BETWEEN 32601 AND 32660 OR epsg BETWEEN 32701 AND 32760", name="epsg_utm"
+        ),
+        CheckConstraint("cluster_id >= 0", name="cluster_id_nonnegative"),
+        Index("ix_location_geom", "geom", postgresql_using="gist"),
+        Index("ix_location_footprint", "footprint", postgresql_using="gist"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    geom: Mapped[Any] = mapped_column(_geometry("POINT"), nullable=False)
+    footprint: Mapped[Any | None] = mapped_column(_geometry("POLYGON"))
+    epsg: Mapped[int | None] = mapped_column(Integer, comment="UTM zone of the chip grid")
+    origin: Mapped[str] = mapped_column(Text, nullable=False)
+    aoi_id: Mapped[int | None] = mapped_column(
+        ForeignKey("aoi.id", ondelete="SET NULL"), index=True
+    )
+    cluster_id: Mapped[int | None] = mapped_column(Integer, comment="geo cluster (GASSL)")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Scene(Base):
+    """One acquired product, from one source."""
+
+    __tablename__ = "scene"
+    __table_args__ = (
+        UniqueConstraint("source", "product_id"),
+        CheckConstraint("cloud_cover >= 0 AND cloud_cover <= 100", name="cloud_cover_percent"),
+        CheckConstraint(_in("level", SCENE_LEVELS), name="level_known"),
+        CheckConstraint(_in("status", SCENE_STATUSES), name="status_known"),
+        CheckConstraint("char_length(source) BETWEEN 1 AND 64", name="source_length"),
+        _lonlat_bounds("footprint"),
+        Index("ix_scene_footprint", "footprint", postgresql_using="gist"),
+        Index("ix_scene_acquired_at", "acquired_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    product_id: Mapped[str] = mapped_column(Text, nullable=False)
+    tile_id: Mapped[str | None] = mapped_column(Text)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    cloud_cover: Mapped[float | None] = mapped_column(Double)
+    footprint: Mapped[Any | None] = mapped_column(_geometry("MULTIPOLYGON"))
+    level: Mapped[str | None] = mapped_column(Text)
+    processing_baseline: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = _created_at()
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Observation(Base):
+    """One chip: a location seen in a scene. The pixels are a file named by its hash."""
+
+    __tablename__ = "observation"
+    __table_args__ = (
+        UniqueConstraint("location_id", "scene_id"),
+        _fraction("valid_fraction"),
+        _fraction("cloud_fraction"),
+        _sha256("chip_sha256"),
+        CheckConstraint(
+            "bounds IS NULL OR (array_length(bounds, 1) = 4"
+            " AND bounds[1] < bounds[3] AND bounds[2] < bounds[4])",
+            name="bounds_box",
+        ),
+        Index("ix_observation_location_id_acquired_at", "location_id", "acquired_at"),
+        Index("ix_observation_scene_id", "scene_id"),
+        Index("ix_observation_chip_sha256", "chip_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    location_id: Mapped[int] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"), nullable=False
+    )
+    scene_id: Mapped[int] = mapped_column(
+        ForeignKey("scene.id", ondelete="CASCADE"), nullable=False
+    )
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    valid_fraction: Mapped[float] = mapped_column(Double, nullable=False)
+    cloud_fraction: Mapped[float] = mapped_column(Double, nullable=False)
+    chip_key: Mapped[str] = mapped_column(Text, nullable=False)
+    chip_sha256: Mapped[str] = mapped_column(Text, nullable=False)
+    epsg: Mapped[int | None] = mapped_column(Integer, comment="native CRS of the chip grid")
+    bounds: Mapped[list[float] | None] = mapped_column(
+        ARRAY(Double), comment="chip bounds in its native CRS: minx, miny, maxx, maxy"
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ModelVersion(Base):
+    """One checkpoint of the learner."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (
+        CheckConstraint("step >= 0", name="step_nonnegative"),
+        CheckConstraint(_in("method", METHODS), name="method_known"),
+        Index("ix_model_version_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    method: Mapped[str] = mapped_column(Text, nullable=False)
+    checkpoint_key: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ChangeEstimate(Base):
+    """The current change state of one location."""
+
+    __tablename__ = "change_estimate"
+    __table_args__ = (
+        CheckConstraint("ratio_ema >= 0", name="ratio_ema_nonnegative"),
+        CheckConstraint("ratio_last >= 0", name="ratio_last_nonnegative"),
+        CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
+        CheckConstraint("updates >= 1", name="updates_positive"),
+        Index("ix_change_estimate_ratio_ema", "ratio_ema"),
+    )
+
+    location_id: Mapped[int] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"), primary_key=True
+    )
+    ratio_ema: Mapped[float] = mapped_column(Double, nullable=False)
+    ratio_last: Mapped[float] = mapped_column(Double, nullable=False)
+    long_dist: Mapped[float] = mapped_column(Double, nullable=False)
+    short_dist: Mapped[float] = mapped_column(Double, nullable=False)
+    updates: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    changed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_version.id", ondelete="SET NULL")
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class ChangeEvent(Base):
+    """One measurement of R for a location: the history behind its estimate."""
+
+    __tablename__ = "change_event"
+    __table_args__ = (
+        CheckConstraint("step >= 0", name="step_nonnegative"),
+        CheckConstraint("ratio >= 0 AND ratio_ema >= 0", name="ratio_nonnegative"),
+        CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
+        Index("ix_change_event_location_id_created_at", "location_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    location_id: Mapped[int] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"), nullable=False
+    )
+    step: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ratio: Mapped[float] = mapped_column(Double, nullable=False, comment="R of this update")
+    ratio_ema: Mapped[float] = mapped_column(Double, nullable=False, comment="r after it")
+    long_dist: Mapped[float] = mapped_column(Double, nullable=False)
+    short_dist: Mapped[float] = mapped_column(Double, nullable=False)
+    query_observation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("observation.id", ondelete="SET NULL"), comment="the image at t0"
+    )
+    positive_observation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("observation.id", ondelete="SET NULL"),
+        comment="the image at t1; NULL when k+ was a second view of the query",
+    )
+    longterm_observation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("observation.id", ondelete="SET NULL"), comment="the long-term image"
+    )
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_version.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Artifact(Base):
+    """One published export: a model or a map."""
+
+    __tablename__ = "artifact"
+    __table_args__ = (
+        CheckConstraint(_in("kind", ARTIFACT_KINDS), name="kind_known"),
+        _sha256("sha256"),
+        CheckConstraint("size_bytes >= 0", name="size_nonnegative"),
+        _lonlat_bounds("bbox"),
+        Index("ix_artifact_bbox", "bbox", postgresql_using="gist"),
+        Index("ix_artifact_kind_created_at", "kind", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    sha256: Mapped[str] = mapped_column(Text, nullable=False)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_version.id", ondelete="SET NULL")
+    )
+    bbox: Mapped[Any | None] = mapped_column(_geometry("POLYGON"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class IngestCursor(Base):
+    """How far ingest has come, per source and AOI (NULL AOI: the whole world)."""
+
+    __tablename__ = "ingest_cursor"
+    __table_args__ = (UniqueConstraint("source", "aoi_id", postgresql_nulls_not_distinct=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    aoi_id: Mapped[int | None] = mapped_column(ForeignKey("aoi.id", ondelete="CASCADE"))
+    last_acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class Quarantine(Base):
+    """Input that was rejected, and why."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (Index("ix_quarantine_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    ref: Mapped[str] = mapped_column(Text, nullable=False, comment="what was rejected")
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+TABLES = (
+    "aoi",
+    "location",
+    "scene",
+    "observation",
+    "change_estimate",
+    "change_event",
+    "model_version",
+    "artifact",
+    "ingest_cursor",
+    "quarantine",
+)
+VIEWS = ("v_change", "v_change_history")
+READER_ROLE = "revisit_reader"

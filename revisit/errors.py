@@ -1,0 +1,46 @@
+"""The one exception hierarchy of revisit.
+
+Every error revisit raises on purpose derives from :class:`RevisitError`. Each
+class also derives from the builtin it means (a missing file is a
+``FileNotFoundError`` too), and from :class:`TransientError` where retrying the
+same thing later can succeed. Retry policies catch ``TransientError`` and
+nothing else.
+"""
+
+from __future__ import annotations
+
+
+class RevisitError(Exception):
+    """Root of every error revisit raises on purpose."""
+
+
+class TransientError(RevisitError):
+    """A failure that may go away if the same operation is tried again later."""
+
+
+class ConfigError(RevisitError, ValueError):
+    """A setting is invalid; the message names the setting and the problem."""
+
+
+class DatabaseError(RevisitError):
+    """The database could not be reached, started or migrated."""
+
+
+class DatabaseUnavailableError(DatabaseError, TransientError, ConnectionError):
+    """The database did not answer; it may come back."""
+
+
+class EmbeddedDatabaseError(DatabaseError):
+    """The embedded PostgreSQL cluster could not be created, started or stopped."""
+
+
+class PostgresNotFoundError(EmbeddedDatabaseError, FileNotFoundError):
+    """The PostgreSQL server programs (initdb, pg_ctl) are not installed."""
+
+
+class PostGISNotInstalledError(EmbeddedDatabaseError):
+    """The PostGIS extension is not installed for the PostgreSQL server in use."""
+
+
+class MigrationError(DatabaseError):
+    """The schema could not be brought to the requested revision."""
