@@ -1,0 +1,126 @@
+"""Fixtures: a throwaway PostGIS cluster for the session, started by revisit's own code.
+
+The session cluster is an :class:`EmbeddedPostgres` in a temporary directory,
+exactly as ``revisit`` runs its embedded database. Tests get databases of their
+own inside it: ``fresh_database_url`` (PostGIS only) or ``database_url``
+(migrated to head, cloned from a template in a fraction of a second).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+from revisit.config import load_settings
+from revisit.db.embedded import SUPERUSER, EmbeddedPostgres
+from revisit.db.engine import Database
+from revisit.db.migrate import upgrade
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEMPLATE = "revisit_test_template"
+
+
+def make_tempdir(prefix: str) -> Path:
+    """A temporary directory the unprivileged PostgreSQL user can enter (mkdtemp makes 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[EmbeddedPostgres]:
+    """The session's PostgreSQL/PostGIS cluster."""
+    root = make_tempdir("revisit-test-")
+    cluster = EmbeddedPostgres(root / "var")
+    cluster.acquire()
+    try:
+        _create_database(cluster, TEMPLATE)
+        engine = sa.create_engine(url_of(cluster, TEMPLATE), poolclass=sa.pool.NullPool)
+        upgrade(engine)
+        engine.dispose()
+        yield cluster
+    finally:
+        cluster.release()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def url_of(cluster: EmbeddedPostgres, dbname: str) -> str:
+    """A SQLAlchemy URL of ``dbname`` in ``cluster``."""
+    return (
+        f"postgresql+psycopg://{SUPERUSER}@/{dbname}?host={cluster.socket_dir}&port={cluster.port}"
+    )
+
+
+def _create_database(cluster: EmbeddedPostgres, name: str, template: str | None = None) -> None:
+    with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+        if template is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        else:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+    if template is None:
+        with psycopg.connect(cluster.conninfo(name), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION postgis")
+
+
+def _drop_database(cluster: EmbeddedPostgres, name: str) -> None:
+    with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def fresh_database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
+    """A new database with PostGIS and nothing else; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _create_database(pg_cluster, name)
+    yield url_of(pg_cluster, name)
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture
+def database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
+    """A new database migrated to head; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _create_database(pg_cluster, name, template=TEMPLATE)
+    yield url_of(pg_cluster, name)
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on a migrated database of the test's own."""
+    eng = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db(database_url: str, tmp_path: Path) -> Iterator[Database]:
+    """revisit's Database object, opened on a migrated database of the test's own."""
+    database = Database(load_settings(database_url=database_url, data_dir=tmp_path / "var"))
+    with database:
+        yield database
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """An environment for running the ``revisit`` CLI in a subprocess, free of REVISIT_* leaks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVISIT_")}
+    env["REVISIT_DATA_DIR"] = str(tmp_path / "var")
+    env["REVISIT_LOG_FORMAT"] = "json"
+    return env
