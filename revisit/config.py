@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -62,8 +63,51 @@ class PostgresSettings(_Section):
     start_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
 
+class IngestSettings(_Section):
+    """What every source shares: the chip grid and what counts as unusable."""
+
+    chip_size: int = Field(default=64, ge=8, le=1024, description="Pixels per chip side at 10 m.")
+    min_valid_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="A chip with less valid (non-nodata) area is quarantined as all-nodata.",
+    )
+    max_cloud_fraction: float = Field(
+        default=0.99,
+        ge=0,
+        le=1,
+        description="A chip with more cloud or shadow is quarantined as fully-cloudy.",
+    )
+    future_tolerance_s: float = Field(
+        default=3600,
+        ge=0,
+        description="An acquisition this far past the present is quarantined as future-date.",
+    )
+
+
+class SimulatedSettings(_Section):
+    """The simulated world: the default source, needing no credentials and no network."""
+
+    seed: int = Field(default=0, ge=0, description="The world is a pure function of the seed.")
+    start: date = Field(
+        default=date(2023, 1, 1), description="First simulated acquisition day (UTC)."
+    )
+    tile_size_deg: float = Field(
+        default=1.0, gt=0, le=10, description="Scene tiles are squares this many degrees wide."
+    )
+
+
+class LocalSettings(_Section):
+    """A directory of Sentinel-2 products on disk."""
+
+    path: Path | None = Field(
+        default=None, description="SAFE folders, OSCD-style band folders, GeoTIFFs/COGs."
+    )
+
+
 class SentinelHubSettings(_Section):
-    """Credentials and endpoints of the Sentinel Hub source."""
+    """Credentials, endpoints and retry policy of the Sentinel Hub source."""
 
     client_id: str | None = None
     client_secret: SecretStr | None = None
@@ -71,6 +115,12 @@ class SentinelHubSettings(_Section):
     token_url: str = (
         "https://identity.dataspace.copernicus.eu/auth/realms/CDSE/protocol/openid-connect/token"
     )
+    collection: Literal["sentinel-2-l1c", "sentinel-2-l2a"] = "sentinel-2-l2a"
+    max_cloud_cover: float = Field(default=80.0, ge=0, le=100, description="Catalog filter, %.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per HTTP request.")
+    max_retries: int = Field(default=5, ge=0, le=20, description="For 429 and 5xx replies.")
+    backoff_s: float = Field(default=1.0, gt=0, le=60, description="First retry delay; doubles.")
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("base_url", "token_url")
     @classmethod
@@ -109,6 +159,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     postgres: PostgresSettings = PostgresSettings()
+    ingest: IngestSettings = IngestSettings()
+    simulated: SimulatedSettings = SimulatedSettings()
+    local: LocalSettings = LocalSettings()
     sentinelhub: SentinelHubSettings = SentinelHubSettings()
 
     @field_validator("data_dir")

@@ -44,3 +44,29 @@ class PostGISNotInstalledError(EmbeddedDatabaseError):
 
 class MigrationError(DatabaseError):
     """The schema could not be brought to the requested revision."""
+
+
+class IngestError(RevisitError):
+    """Imagery could not be ingested."""
+
+
+class SceneRejectedError(IngestError, ValueError):
+    """A whole scene is bad input; it goes to ``quarantine`` and the run goes on.
+
+    Args:
+        reason: A short code from :data:`revisit.ingest.reasons.REASONS`.
+        detail: One line for a person, naming the product and what was wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SourceUnavailableError(IngestError, TransientError, ConnectionError):
+    """A source did not answer (network, rate limit, server error); try again later."""
+
+
+class ChipStoreError(IngestError, OSError):
+    """A chip file could not be written, or is missing or corrupt on read."""

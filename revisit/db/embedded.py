@@ -287,6 +287,8 @@ class EmbeddedPostgres:
             EmbeddedDatabaseError: Another revisit process (a running service) uses it.
         """
         self.unpin()
+        if not self.is_initialized():
+            return
         with self._transition_lock():
             if not self.is_running():
                 return
