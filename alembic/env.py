@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from alembic import context
 from geoalchemy2 import alembic_helpers
 from sqlalchemy.engine import Connection
 
-from alembic import context
 from revisit.db.models import Base
 
 # Two revisit processes upgrading at once must not interleave; this key is

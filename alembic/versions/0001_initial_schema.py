@@ -9,10 +9,9 @@ Create Date: 2026-11-22 03:57:56.050710
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+from alembic import op
 from geoalchemy2 import Geometry
 from sqlalchemy.dialects import postgresql
-
-from alembic import op
 
 revision: str = "0001"
 down_revision: str | None = None

@@ -9,7 +9,7 @@ content hash.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from geoalchemy2 import Geometry
@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Double,
     ForeignKey,
@@ -38,6 +39,7 @@ METHODS = ("moco", "tp", "geo-tp", "seco", "teco", "caco")
 LOCATION_ORIGINS = ("urban-gaussian", "aoi-grid", "manual")
 SCENE_LEVELS = ("L1C", "L2A")
 SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
+SIM_EVENT_KINDS = ("construction", "clearing", "flooding", "reservoir")
 ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
 
 # Constraint names follow one convention so that migrations can refer to them.
@@ -328,17 +330,51 @@ class IngestCursor(Base):
 
 
 class Quarantine(Base):
-    """Input that was rejected, and why."""
+    """Input that was rejected, and why: a whole product, or one location's chip of it."""
 
     __tablename__ = "quarantine"
-    __table_args__ = (Index("ix_quarantine_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_quarantine_created_at", "created_at"),
+        Index("ix_quarantine_reason", "reason"),
+        # One row per rejected thing: a product (location_id NULL) or a chip of it.
+        UniqueConstraint("source", "ref", "location_id", postgresql_nulls_not_distinct=True),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     source: Mapped[str] = mapped_column(Text, nullable=False)
-    ref: Mapped[str] = mapped_column(Text, nullable=False, comment="what was rejected")
-    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    ref: Mapped[str] = mapped_column(
+        Text, nullable=False, comment="what was rejected: a product id or a path"
+    )
+    location_id: Mapped[int | None] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"),
+        comment="the location whose chip was rejected; NULL for a whole product",
+    )
+    reason: Mapped[str] = mapped_column(Text, nullable=False, comment="a short code")
+    detail: Mapped[str | None] = mapped_column(Text, comment="one line for a person")
     payload: Mapped[dict[str, Any]] = mapped_column(
         JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class SimTruth(Base):
+    """Ground truth of the simulated world, for scoring only: the learner never reads it."""
+
+    __tablename__ = "sim_truth"
+    __table_args__ = (
+        CheckConstraint(_in("kind", SIM_EVENT_KINDS), name="kind_known"),
+        _fraction("changed_fraction"),
+        CheckConstraint("(kind IS NULL) = (event_date IS NULL)", name="event_date_with_kind"),
+    )
+
+    location_id: Mapped[int] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"), primary_key=True
+    )
+    seed: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str | None] = mapped_column(Text, comment="NULL: the location never changes")
+    event_date: Mapped[date | None] = mapped_column(Date)
+    changed_fraction: Mapped[float] = mapped_column(
+        Double, nullable=False, comment="share of the chip that changes"
     )
     created_at: Mapped[datetime] = _created_at()
 
@@ -354,6 +390,7 @@ TABLES = (
     "artifact",
     "ingest_cursor",
     "quarantine",
+    "sim_truth",
 )
 VIEWS = ("v_change", "v_change_history")
 READER_ROLE = "revisit_reader"

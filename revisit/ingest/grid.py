@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import shapely
 from affine import Affine
 from pyproj import Transformer
 from shapely.geometry import Polygon, box
-from shapely.ops import transform as shapely_transform
 
 RESOLUTION_M = 10.0
 
@@ -74,7 +74,7 @@ class ChipGrid:
     def footprint_lonlat(self) -> Polygon:
         """The chip's outline in lon/lat (densified edges, counter-clockwise)."""
         outline = box(*self.bounds).segmentize(self.size * self.resolution / 8)
-        return shapely_transform(_to_lonlat(self.epsg).transform, outline)
+        return shapely.transform(outline, _to_lonlat(self.epsg).transform, interleaved=False)
 
 
 def chip_grid_for(
