@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -41,6 +42,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The database: migrations, its URL, the embedded cluster.")
 app.add_typer(db_app, name="db")
+aoi_app = typer.Typer(help="Areas of interest: the places you ask revisit to watch.")
+app.add_typer(aoi_app, name="aoi")
 
 stdout = Console(soft_wrap=True)
 
@@ -163,6 +166,201 @@ def _print_status(db: Database, report: DatabaseStatus) -> None:
         for count in report.tables:
             table.add_row(count.table, f"{count.rows:,}" if count.exact else f"~{count.rows:,}")
         stdout.print(table)
+
+
+# -- locations, AOIs, ingest -------------------------------------------------------------
+
+
+def _parse_date(text: str | None, *, end_of_day: bool = False) -> datetime | None:
+    """``2024-05-01`` or an ISO timestamp, as UTC."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a date like 2024-05-01") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+        if end_of_day and len(text) == 10:
+            value += timedelta(days=1) - timedelta(microseconds=1)
+    return value.astimezone(UTC)
+
+
+@aoi_app.command("add")
+def aoi_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A name: letters, digits, _ - . (max 64).")],
+    bbox: Annotated[
+        str | None, typer.Option(help="minlon,minlat,maxlon,maxlat in degrees.")
+    ] = None,
+    geojson: Annotated[
+        Path | None, typer.Option(help="A GeoJSON file of a polygon, feature or collection.")
+    ] = None,
+    footprint: Annotated[
+        Path | None, typer.Option(help="A Sentinel-2 product (SAFE, band folder, GeoTIFF).")
+    ] = None,
+) -> None:
+    """Add an area of interest from a bbox, a GeoJSON file, or a product's footprint."""
+    from revisit.db.aois import create_aoi
+    from revisit.db.engine import Database
+    from revisit.ingest import areas
+
+    given = [x for x in (bbox, geojson, footprint) if x is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --bbox, --geojson, --footprint")
+    try:
+        name = areas.validate_name(name)
+        if bbox is not None:
+            geom = areas.parse_bbox(bbox)
+        elif geojson is not None:
+            geom = areas.read_geojson_area(geojson)
+        else:
+            from revisit.ingest.sources.local import product_footprint
+
+            assert footprint is not None
+            geom = product_footprint(footprint)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with Database(_settings(ctx)) as db, db.engine.begin() as conn:
+        aoi = create_aoi(conn, name=name, geom=geom)
+    minx, miny, maxx, maxy = geom.bounds
+    stdout.print(f"AOI {aoi.name} (#{aoi.id}): {minx:.4f},{miny:.4f},{maxx:.4f},{maxy:.4f}")
+
+
+@aoi_app.command("list")
+def aoi_list(ctx: typer.Context) -> None:
+    """List the AOIs with their bounds and how many locations lie in each."""
+    from revisit.db.aois import list_aois
+    from revisit.db.engine import Database
+    from revisit.db.locations import all_points
+
+    with Database(_settings(ctx)) as db, db.engine.connect() as conn:
+        table = Table("name", "id", "bounds (lon/lat)", "locations", show_edge=False)
+        for aoi in list_aois(conn):
+            minx, miny, maxx, maxy = aoi.geom.bounds
+            count = len(all_points(conn, aoi_id=aoi.id))
+            table.add_row(
+                aoi.name, str(aoi.id), f"{minx:.4f},{miny:.4f},{maxx:.4f},{maxy:.4f}", str(count)
+            )
+    stdout.print(table)
+
+
+@app.command()
+def sample(
+    ctx: typer.Context,
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, help="Locations to draw near cities (CACo).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same locations.")] = 0,
+    aoi: Annotated[str | None, typer.Option(help="Put a regular grid over this AOI.")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="With --aoi: a regular grid.")] = False,
+    spacing: Annotated[
+        float | None,
+        typer.Option(help="Grid spacing / minimum distance in metres; default one chip width."),
+    ] = None,
+) -> None:
+    """Add locations: --n N near cities (geographic sampling), or --aoi NAME --grid."""
+    from revisit.db.aois import get_aoi
+    from revisit.db.engine import Database
+    from revisit.db.locations import all_points, insert_locations
+    from revisit.ingest.sampling import grid_in_polygon, sample_locations
+
+    if (n is None) == (aoi is None) or (aoi is not None and not grid):
+        raise typer.BadParameter("give either --n N, or --aoi NAME --grid")
+    settings = _settings(ctx)
+    size = settings.ingest.chip_size
+    spacing_m = spacing if spacing is not None else size * 10.0
+    with Database(settings) as db, db.engine.begin() as conn:
+        if aoi is not None:
+            area = get_aoi(conn, aoi)
+            existing = {(round(x, 7), round(y, 7)) for x, y in all_points(conn, aoi_id=area.id)}
+            try:
+                points = grid_in_polygon(area.geom, spacing_m=spacing_m)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+            points = [p for p in points if (round(p[0], 7), round(p[1], 7)) not in existing]
+            added = insert_locations(
+                conn, points, origin="aoi-grid", aoi_id=area.id, chip_size=size
+            )
+        else:
+            assert n is not None
+            points = sample_locations(
+                n, seed=seed, min_spacing_m=spacing_m, existing=all_points(conn)
+            )
+            added = insert_locations(conn, points, origin="urban-gaussian", chip_size=size)
+    stdout.print(f"added {added} locations")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option(help="simulated, local or sentinelhub.")] = "simulated",
+    path: Annotated[
+        Path | None, typer.Option(help="For --source local: the directory of products.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this date (default: where the last run stopped).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this date (default: now).")] = None,
+    aoi: Annotated[str | None, typer.Option(help="Only the locations of this AOI.")] = None,
+) -> None:
+    """Ingest scenes from a source: chips to the chip store, rows to the database."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+    from revisit.ingest.chips import ChipStore
+    from revisit.ingest.pipeline import IngestPipeline, IngestSummary
+    from revisit.ingest.sources import build_source
+    from revisit.types import SceneRef
+
+    settings = _settings(ctx)
+    start, end = _parse_date(since), _parse_date(until, end_of_day=True)
+    scene_source = build_source(source, settings, path=path)
+    try:
+        with Database(settings) as db:
+            upgrade(db.engine)
+            pipeline = IngestPipeline(
+                db.engine,
+                ChipStore(settings.data_dir / "chips"),
+                scene_source,
+                settings=settings.ingest,
+            )
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            ) as bar:
+                task = bar.add_task(f"ingesting from {source}")
+
+                def progress(scene: SceneRef | None, summary: IngestSummary) -> None:
+                    when = f" ({scene.acquired_at:%Y-%m-%d})" if scene else ""
+                    bar.update(
+                        task,
+                        description=f"{source}{when}: {summary.scenes} scenes, "
+                        f"{summary.chips} chips, {summary.skipped} skipped, "
+                        f"{summary.quarantined} quarantined",
+                    )
+
+                summary = pipeline.run(aoi=aoi, since=start, until=end, progress=progress)
+    finally:
+        scene_source.close()
+    table = Table("scenes", "chips", "skipped", "quarantined", "seconds", show_edge=False)
+    table.add_row(
+        str(summary.scenes),
+        str(summary.chips),
+        str(summary.skipped),
+        str(summary.quarantined),
+        f"{summary.seconds:.1f}",
+    )
+    stdout.print(table)
+    for reason, count in sorted(summary.quarantined_by_reason.items()):
+        stdout.print(f"  quarantined {reason}: {count}")
+    if summary.interrupted:
+        stdout.print(f"[yellow]interrupted: {summary.interrupted}; the next run resumes[/]")
+        raise typer.Exit(EXIT_ERROR)
 
 
 # -- db ---------------------------------------------------------------------------------
