@@ -306,9 +306,10 @@ class IngestPipeline:
         """A rejection for a chip that is malformed or unusable, None for a good one."""
         expected = (len(CANONICAL_BANDS), size, size)
         if chip.data.shape != expected or chip.data.dtype.name != "uint16":
+            bands_wrong = chip.data.shape[:1] != expected[:1]
             return Rejection(
                 chip.location_id,
-                reasons.WRONG_BAND_COUNT if chip.data.shape[:1] != expected[:1] else reasons.BAD_REPLY,
+                reasons.WRONG_BAND_COUNT if bands_wrong else reasons.BAD_REPLY,
                 f"chip of location {chip.location_id} is {chip.data.dtype} {chip.data.shape}, "
                 f"expected uint16 {expected}",
             )
