@@ -48,7 +48,6 @@ from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import numpy as np
-import numpy.typing as npt
 import requests
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
@@ -74,6 +73,7 @@ from revisit.errors import (
     SourceUnavailableError,
 )
 from revisit.ingest import reasons
+from revisit.ingest.cloud import cloud_fraction, scl_cloud_mask, valid_fraction
 from revisit.ingest.grid import ChipGrid
 from revisit.ingest.sources.base import OnRejected, SceneSource
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
@@ -86,9 +86,6 @@ MISSION_START: Final = datetime(2015, 6, 1, tzinfo=UTC)
 #: orbit takes about 100 minutes, so this catches the scene's datatake (including
 #: a neighbouring tile of the same pass) and no other acquisition.
 PROCESS_WINDOW: Final = timedelta(minutes=30)
-#: SCL classes counted as cloud or shadow: cloud shadow, cloud medium and high
-#: probability, thin cirrus.
-SCL_CLOUD_CLASSES: Final = (3, 8, 9, 10)
 #: Bands of every chip reply: canonical bands, a cloud band, dataMask.
 REPLY_BAND_COUNT: Final = len(CANONICAL_BANDS) + 2
 
@@ -420,17 +417,6 @@ def _parse_datetime(raw: object) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _cloud_fraction(
-    cloud: npt.NDArray[np.uint16], valid: npt.NDArray[np.bool_], *, scl: bool
-) -> float:
-    """Share of valid pixels that are cloud or shadow (0 when none is valid)."""
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        return 0.0
-    cloudy = np.isin(cloud, SCL_CLOUD_CLASSES) if scl else cloud == 1
-    return float((cloudy & valid).sum()) / n_valid
-
-
 class SentinelHubSource(SceneSource):
     """Sentinel-2 L1C or L2A from a Sentinel Hub deployment (CDSE by default).
 
@@ -718,11 +704,13 @@ class SentinelHubSource(SceneSource):
             return bad(f"not a readable GeoTIFF ({type(exc).__name__})")
         valid = pixels[-1] == 1
         data = np.ascontiguousarray(pixels[: len(CANONICAL_BANDS)], dtype=np.uint16)
+        # SCL for L2A; Sentinel Hub's CLM (1 = cloud) for L1C, which has no SCL.
+        cloudy = scl_cloud_mask(pixels[-2]) if self._cloud_band == "SCL" else pixels[-2] == 1
         return Chip(
             location_id=location.id,
             data=data,
-            valid_fraction=float(valid.mean()),
-            cloud_fraction=_cloud_fraction(pixels[-2], valid, scl=self._cloud_band == "SCL"),
+            valid_fraction=valid_fraction(valid),
+            cloud_fraction=cloud_fraction(cloudy, valid),
             grid=grid,
         )
 
