@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from revisit import __version__
 from revisit.config import Settings, load_settings
@@ -465,14 +465,18 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="revisit", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
         print("revisit: aborted", file=sys.stderr)
         return EXIT_ERROR
+    except TyperException as exc:  # typer's click: usage errors, bad parameters
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"revisit: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
     except ConfigError as exc:
         print(f"revisit: {exc}", file=sys.stderr)
         return EXIT_USAGE

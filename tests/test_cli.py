@@ -148,6 +148,15 @@ def test_run_serves_until_signalled_and_stops_cleanly(
     assert not cluster.is_running()  # the service was its last user
 
 
+def test_bad_arguments_are_one_clean_line(cli_env: dict[str, str]) -> None:
+    for args in (["run", "--duration", "soon"], ["ingest", "--since", "yesterday"]):
+        result = revisit(*args, env=cli_env)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+    version = revisit("--version", env=cli_env)
+    assert version.returncode == 0 and version.stdout.startswith("revisit ")
+
+
 def test_run_for_a_duration(cli_env: dict[str, str], database_url: str) -> None:
     env = {**cli_env, "REVISIT_DATABASE_URL": database_url}
     result = revisit("run", "--duration", "1s", env=env)

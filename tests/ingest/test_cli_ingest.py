@@ -34,7 +34,7 @@ def test_aoi_grid_sample_and_simulated_ingest(
         n = conn.execute(
             sa.text("SELECT count(*) FROM location WHERE origin = 'aoi-grid'")
         ).scalar_one()
-    assert 10 <= n <= 20  # ~2.3 km x 2.2 km at 640 m
+    assert 6 <= n <= 20  # ~2.3 km x 2.2 km at 640 m
 
     run = revisit(
         "ingest", "--source", "simulated", "--aoi", "lake", "--since", "2023-06-01",
