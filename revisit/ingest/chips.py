@@ -71,6 +71,8 @@ class ChipStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
+        # Fan-out directories known to exist: skips a mkdir system call per chip.
+        self._made: set[Path] = set()
 
     def path(self, key: str) -> Path:
         """The file of a key; rejects keys that would leave the store."""
@@ -103,7 +105,9 @@ class ChipStore:
         directory = target.parent
         tmp = directory / f".{sha256}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if directory not in self._made:
+                directory.mkdir(parents=True, exist_ok=True)
+                self._made.add(directory)
             with tmp.open("wb") as f:
                 f.write(payload)
                 if self.fsync:

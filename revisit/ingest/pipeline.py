@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -32,7 +34,7 @@ from revisit.config import IngestSettings
 from revisit.db import aois, cursors, locations, quarantine, scenes, simtruth
 from revisit.errors import IngestError, SceneRejectedError, TransientError
 from revisit.ingest import reasons
-from revisit.ingest.chips import ChipStore
+from revisit.ingest.chips import ChipStore, StoredChip
 from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.sources.base import SceneSource
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRef
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
+
+#: Threads hashing, writing and fsyncing chip files (fsync releases the GIL).
+WRITER_THREADS = 2
+#: Chips of one scene held in memory while their files are written (~100 kB each).
+MAX_PENDING_WRITES = 64
+
+
+def _drain(writes: deque[tuple[Chip, Future[StoredChip]]]) -> None:
+    """Wait for writes already started; their files are orphans for garbage collection."""
+    for _, future in writes:
+        future.exception()
+    writes.clear()
 
 
 @runtime_checkable
@@ -157,6 +171,7 @@ class IngestPipeline:
             log.warning("product quarantined: %s", detail, extra={"ref": ref, "reason": reason})
 
         seen: set[str] = set()
+        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="chips")
         try:
             for scene in self.source.search(
                 since=since, until=until, area=area, on_rejected=rejected
@@ -167,6 +182,8 @@ class IngestPipeline:
         except TransientError as exc:
             summary.interrupted = str(exc)
             log.warning("ingest interrupted; the next run resumes here: %s", exc)
+        finally:
+            self._writer.shutdown(wait=True)
         summary.seconds = time.monotonic() - began
         log.info(
             "ingest done",
@@ -241,6 +258,26 @@ class IngestPipeline:
         ]
         rows: list[scenes.ObservationRow] = []
         rejections: list[Rejection] = []
+        # Chip files are hashed, written and fsynced on worker threads while the
+        # source produces the next chips; all are on disk before any row commits.
+        writes: deque[tuple[Chip, Future[StoredChip]]] = deque()
+
+        def finish(pending: tuple[Chip, Future[StoredChip]]) -> None:
+            chip, future = pending
+            stored = future.result()
+            rows.append(
+                scenes.ObservationRow(
+                    location_id=chip.location_id,
+                    acquired_at=scene.acquired_at,
+                    valid_fraction=float(chip.valid_fraction),
+                    cloud_fraction=float(chip.cloud_fraction),
+                    chip_key=stored.key,
+                    chip_sha256=stored.sha256,
+                    epsg=chip.grid.epsg,
+                    bounds=chip.grid.bounds,
+                )
+            )
+
         try:
             for item in self.source.read(scene, refs) if refs else ():
                 if isinstance(item, Rejection):
@@ -250,22 +287,18 @@ class IngestPipeline:
                 if problem is not None:
                     rejections.append(problem)
                     continue
-                stored = self.store.put(item.data)
-                rows.append(
-                    scenes.ObservationRow(
-                        location_id=item.location_id,
-                        acquired_at=scene.acquired_at,
-                        valid_fraction=float(item.valid_fraction),
-                        cloud_fraction=float(item.cloud_fraction),
-                        chip_key=stored.key,
-                        chip_sha256=stored.sha256,
-                        epsg=item.grid.epsg,
-                        bounds=item.grid.bounds,
-                    )
-                )
+                writes.append((item, self._writer.submit(self.store.put, item.data)))
+                while len(writes) > MAX_PENDING_WRITES:
+                    finish(writes.popleft())
+            while writes:
+                finish(writes.popleft())
         except SceneRejectedError as exc:
+            _drain(writes)
             self._reject_scene(scene, exc.reason, exc.detail, summary, record_scene=True)
             return
+        except BaseException:
+            _drain(writes)
+            raise
 
         truth: list[tuple[int, int, str | None, date | None, float]] = []
         if isinstance(self.source, HasGroundTruth) and refs:

@@ -129,7 +129,9 @@ class SimulatedSource(SceneSource):
             for ix in range(x0, x1 + 1):
                 tile = orbit.Tile(ix, iy, size)
                 poly = tile.polygon()
-                if poly.area > 0 and prepared.intersects(poly):
+                # Interiors must meet: a tile that only shares an edge with the
+                # area (a neighbour of an AOI that ends on a tile line) holds none of it.
+                if poly.area > 0 and prepared.intersects(poly) and not poly.touches(area):
                     out.append(tile)
         return out
 
