@@ -84,8 +84,9 @@ def main() -> None:
         ):
             for chip in source.read(scene, refs):
                 if isinstance(chip, Chip):
+                    scene_id = scene_ids[scene.product_id]
                     rows.append(
-                        (chip.location_id, scene_ids[scene.product_id], scene.acquired_at, chip.valid_fraction,
+                        (chip.location_id, scene_id, scene.acquired_at, chip.valid_fraction,
                          chip.cloud_fraction, "k", "0" * 64, chip.grid.epsg,
                          list(chip.grid.bounds))
                     )  # fmt: skip
@@ -104,7 +105,8 @@ def main() -> None:
         cluster.release()
         shutil.rmtree(root, ignore_errors=True)
     print(
-        f"scenes: {summary.scenes}, chips: {summary.chips}, quarantined: {summary.quarantined_by_reason}"
+        f"scenes: {summary.scenes}, chips: {summary.chips},"
+        f" quarantined: {summary.quarantined_by_reason}"
     )
     print(f"pipeline end to end: {summary.chips / pipeline_s:.1f} chips/s ({pipeline_s:.2f} s)")
     print(
