@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -24,6 +25,12 @@ from revisit.config import load_settings
 from revisit.db.embedded import SUPERUSER, EmbeddedPostgres
 from revisit.db.engine import Database
 from revisit.db.migrate import upgrade
+
+# Reproducible on CI (the same examples every run), exploratory on a developer's machine.
+hypothesis.settings.register_profile(
+    "revisit", deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True
+)
+hypothesis.settings.load_profile("revisit")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
