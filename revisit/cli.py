@@ -44,6 +44,8 @@ db_app = typer.Typer(help="The database: migrations, its URL, the embedded clust
 app.add_typer(db_app, name="db")
 aoi_app = typer.Typer(help="Areas of interest: the places you ask revisit to watch.")
 app.add_typer(aoi_app, name="aoi")
+chips_app = typer.Typer(help="The chip store: pixels on disk, named by their sha256.")
+app.add_typer(chips_app, name="chips")
 
 stdout = Console(soft_wrap=True)
 
@@ -360,6 +362,55 @@ def ingest(
         stdout.print(f"  quarantined {reason}: {count}")
     if summary.interrupted:
         stdout.print(f"[yellow]interrupted: {summary.interrupted}; the next run resumes[/]")
+        raise typer.Exit(EXIT_ERROR)
+
+
+@chips_app.command("gc")
+def chips_gc(
+    ctx: typer.Context,
+    min_age: Annotated[
+        str, typer.Option(help="Only files older than this (an ingest in flight is younger).")
+    ] = "1h",
+) -> None:
+    """Remove chip files no observation names, and temporaries a crash left behind."""
+    from revisit.db.engine import Database
+    from revisit.db.scenes import referenced_chip_keys
+    from revisit.ingest.chips import ChipStore
+
+    seconds = parse_duration(min_age)
+    settings = _settings(ctx)
+    with Database(settings) as db, db.engine.connect() as conn:
+        referenced = referenced_chip_keys(conn)
+    report = ChipStore(settings.data_dir / "chips").collect_garbage(referenced, min_age_s=seconds)
+    stdout.print(
+        f"removed {report.chips} unreferenced chips and {report.temporaries} temporaries"
+        f" ({report.bytes / 1e6:.1f} MB)"
+    )
+
+
+@chips_app.command("verify")
+def chips_verify(ctx: typer.Context) -> None:
+    """Check that every observation's chip file is there and matches its sha256."""
+    from revisit.db.engine import Database
+    from revisit.db.scenes import chip_refs
+    from revisit.errors import ChipStoreError
+    from revisit.ingest.chips import ChipStore
+
+    settings = _settings(ctx)
+    store = ChipStore(settings.data_dir / "chips")
+    checked = 0
+    bad: list[str] = []
+    with Database(settings) as db, db.engine.connect() as conn:
+        for obs_id, key, sha in chip_refs(conn):
+            checked += 1
+            try:
+                store.get(key, sha)
+            except ChipStoreError as exc:
+                bad.append(f"observation {obs_id}: {exc}")
+    for line in bad:
+        stdout.print(line)
+    stdout.print(f"checked {checked} chips: {len(bad)} missing or corrupt")
+    if bad:
         raise typer.Exit(EXIT_ERROR)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -117,3 +117,12 @@ def copy_observations(conn: Connection, scene_id: int, rows: Sequence[Observatio
 def referenced_chip_keys(conn: Connection) -> set[str]:
     """Every chip key an observation names (for garbage collection)."""
     return set(conn.execute(sa.text("SELECT DISTINCT chip_key FROM observation")).scalars())
+
+
+def chip_refs(conn: Connection) -> Iterator[tuple[int, str, str]]:
+    """(observation id, chip key, sha256) of every observation, streamed in id order."""
+    rows = conn.execution_options(stream_results=True, yield_per=10_000).execute(
+        sa.text("SELECT id, chip_key, chip_sha256 FROM observation ORDER BY id")
+    )
+    for obs_id, key, sha in rows:
+        yield int(obs_id), str(key), str(sha)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -95,3 +96,36 @@ def test_local_source_needs_a_directory(cli_env: dict[str, str], database_url: s
     result = revisit("ingest", "--source", "local", env=_env(cli_env, database_url))
     assert result.returncode == 2
     assert "--path DIR" in result.stderr
+
+
+def test_chips_verify_and_gc(cli_env: dict[str, str], database_url: str) -> None:
+    env = _env(cli_env, database_url)
+    assert (
+        revisit("aoi", "add", "dot", "--bbox", "8.500,47.300,8.506,47.304", env=env).returncode == 0
+    )
+    assert revisit("sample", "--aoi", "dot", "--grid", "--spacing", "320", env=env).returncode == 0
+    ingest = revisit(
+        "ingest", "--aoi", "dot", "--since", "2023-06-01", "--until", "2023-06-12", env=env
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    ok = revisit("chips", "verify", env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ": 0 missing or corrupt" in ok.stdout
+
+    chips = Path(env["REVISIT_DATA_DIR"]) / "chips"
+    victim = next(chips.glob("??/??/*.npy"))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    orphan = chips / "00" / "00" / ("0" * 64 + ".npy")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"no row names me")
+    broken = revisit("chips", "verify", env=env)
+    assert broken.returncode == 1
+    assert ": 1 missing or corrupt" in broken.stdout and "fails its hash" in broken.stdout
+
+    gc = revisit("chips", "gc", "--min-age", "1h", env=env)
+    assert gc.returncode == 0, gc.stderr
+    assert "removed 0 unreferenced chips" in gc.stdout  # young files stay
+    os.utime(orphan, (0, 0))
+    gc = revisit("chips", "gc", "--min-age", "1h", env=env)
+    assert "removed 1 unreferenced chips" in gc.stdout
+    assert not orphan.exists() and victim.exists()
