@@ -57,6 +57,12 @@ SUPERUSER = "revisit"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _CONF_NAME = "revisit.conf"
+_PG_HBA = (
+    "# Written by revisit. Unix socket only; there is no TCP listener.\n"
+    "# TYPE  DATABASE  USER     METHOD\n"
+    f"local   all       {SUPERUSER}  trust\n"
+    "local   all       all      scram-sha-256\n"
+)
 _INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'\t# written by revisit at every start\n"
 
 
@@ -366,6 +372,9 @@ class EmbeddedPostgres:
             )
         with (staging / "postgresql.conf").open("a") as conf:
             conf.write("\n" + _INCLUDE_LINE)
+        # revisit itself is trusted on the private socket; any other role (a
+        # reader made by `revisit db grant-reader`) must give its password.
+        (staging / "pg_hba.conf").write_text(_PG_HBA)
         self._start(staging)
         try:
             self._bootstrap_database(staging)

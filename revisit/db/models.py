@@ -116,6 +116,8 @@ class Location(Base):
         CheckConstraint("cluster_id >= 0", name="cluster_id_nonnegative"),
         Index("ix_location_geom", "geom", postgresql_using="gist"),
         Index("ix_location_footprint", "footprint", postgresql_using="gist"),
+        # For radius queries in metres: ST_DWithin(geom::geography, ..., metres).
+        Index("ix_location_geog", text("(geom::geography)"), postgresql_using="gist"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -230,7 +232,13 @@ class ChangeEstimate(Base):
         CheckConstraint("ratio_last >= 0", name="ratio_last_nonnegative"),
         CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
         CheckConstraint("updates >= 1", name="updates_positive"),
+        CheckConstraint("changed OR changed_since IS NULL", name="changed_since_when_changed"),
         Index("ix_change_estimate_ratio_ema", "ratio_ema"),
+        Index(
+            "ix_change_estimate_changed_since",
+            "changed_since",
+            postgresql_where=text("changed"),
+        ),
     )
 
     location_id: Mapped[int] = mapped_column(
@@ -242,6 +250,10 @@ class ChangeEstimate(Base):
     short_dist: Mapped[float] = mapped_column(Double, nullable=False)
     updates: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     changed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    changed_since: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True),
+        comment="when the location last became changed; NULL while unchanged (kept by a trigger)",
+    )
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_version.id", ondelete="SET NULL")
     )
@@ -392,5 +404,5 @@ TABLES = (
     "quarantine",
     "sim_truth",
 )
-VIEWS = ("v_change", "v_change_history")
+VIEWS = ("v_change", "v_change_history", "v_aoi_change")
 READER_ROLE = "revisit_reader"
