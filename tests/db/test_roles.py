@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from revisit.db.migrate import upgrade
 from revisit.db.models import READER_ROLE, TABLES, VIEWS
 
 
@@ -63,7 +64,11 @@ def test_reader_cannot_read_base_tables(reader: sa.Connection, table: str) -> No
         "TRUNCATE scene",
         "CREATE TABLE mine (id int)",
         "CREATE VIEW mine AS SELECT 1",
+        "CREATE FUNCTION mine() RETURNS int LANGUAGE sql AS 'SELECT 1'",
         "SELECT * FROM alembic_version",
+        "SELECT * FROM pg_authid",
+        "SELECT payload FROM quarantine",
+        "SELECT error FROM scene",
     ],
 )
 def test_reader_cannot_write_or_create(reader: sa.Connection, statement: str) -> None:
@@ -89,3 +94,15 @@ def test_reader_role_cannot_log_in_and_has_only_view_grants(engine: sa.Engine) -
         ).scalars()
         assert can_login is False
         assert set(granted) == set(VIEWS)
+
+
+def test_reader_cannot_create_temporary_tables(fresh_database_url: str) -> None:
+    """Database privileges are not copied from a template: migrate a database of its own."""
+    engine = sa.create_engine(fresh_database_url, poolclass=sa.pool.NullPool)
+    upgrade(engine)
+    with engine.connect() as conn:
+        conn.execute(sa.text("CREATE TEMP TABLE mine (id int)"))  # revisit itself still can
+        conn.execute(sa.text(f"SET ROLE {READER_ROLE}"))
+        _denied(conn, "CREATE TEMP TABLE scratch (id int)")
+        conn.rollback()
+    engine.dispose()
