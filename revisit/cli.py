@@ -218,10 +218,9 @@ def aoi_add(
             geom = areas.parse_bbox(bbox)
         elif geojson is not None:
             geom = areas.read_geojson_area(geojson)
-        else:
+        elif footprint is not None:
             from revisit.ingest.sources.local import product_footprint
 
-            assert footprint is not None
             geom = product_footprint(footprint)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -271,6 +270,7 @@ def sample(
 
     if (n is None) == (aoi is None) or (aoi is not None and not grid):
         raise typer.BadParameter("give either --n N, or --aoi NAME --grid")
+    count = n or 0
     settings = _settings(ctx)
     size = settings.ingest.chip_size
     spacing_m = spacing if spacing is not None else size * 10.0
@@ -287,9 +287,8 @@ def sample(
                 conn, points, origin="aoi-grid", aoi_id=area.id, chip_size=size
             )
         else:
-            assert n is not None
             points = sample_locations(
-                n, seed=seed, min_spacing_m=spacing_m, existing=all_points(conn)
+                count, seed=seed, min_spacing_m=spacing_m, existing=all_points(conn)
             )
             added = insert_locations(conn, points, origin="urban-gaussian", chip_size=size)
     stdout.print(f"added {added} locations")

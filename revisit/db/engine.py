@@ -34,8 +34,12 @@ class Database:
 
     def __init__(self, settings: Settings, *, connect_timeout_s: float | None = None) -> None:
         self.settings = settings
+        # Exactly one of the two is set: an external URL, or the embedded cluster.
+        self._external_url: str | None = (
+            settings.database_url.get_secret_value() if settings.database_url else None
+        )
         self.embedded: EmbeddedPostgres | None = (
-            EmbeddedPostgres.from_settings(settings) if settings.embedded else None
+            None if self._external_url else EmbeddedPostgres.from_settings(settings)
         )
         self.connect_timeout_s = (
             connect_timeout_s
@@ -47,22 +51,26 @@ class Database:
     @property
     def url(self) -> URL:
         """The SQLAlchemy URL, password included: never log it (use :meth:`display_url`)."""
-        if self.embedded is not None:
-            return URL.create(
-                DRIVER,
-                username=SUPERUSER,
-                database=DBNAME,
-                query={"host": str(self.embedded.socket_dir), "port": str(self.embedded.port)},
-            )
-        assert self.settings.database_url is not None  # embedded is None only with a URL
-        return make_url(self.settings.database_url.get_secret_value()).set(drivername=DRIVER)
+        if self._external_url is not None:
+            return make_url(self._external_url).set(drivername=DRIVER)
+        embedded = self._embedded()
+        return URL.create(
+            DRIVER,
+            username=SUPERUSER,
+            database=DBNAME,
+            query={"host": str(embedded.socket_dir), "port": str(embedded.port)},
+        )
+
+    def _embedded(self) -> EmbeddedPostgres:
+        if self.embedded is None:
+            raise RuntimeError("an external database has no embedded cluster")
+        return self.embedded
 
     def libpq_url(self) -> str:
         """A libpq URI for psql and other clients, with any password masked."""
-        if self.embedded is not None:
-            return self.embedded.libpq_url()
-        assert self.settings.database_url is not None
-        url = self.settings.database_url.get_secret_value()
+        if self._external_url is None:
+            return self._embedded().libpq_url()
+        url = self._external_url
         scheme, sep, rest = url.partition("://")
         return redact_url(f"postgresql{sep}{rest}" if scheme.startswith("postgres") else url)
 
