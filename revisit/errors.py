@@ -70,3 +70,14 @@ class SourceUnavailableError(IngestError, TransientError, ConnectionError):
 
 class ChipStoreError(IngestError, OSError):
     """A chip file could not be written, or is missing or corrupt on read."""
+
+
+class LearnerError(RevisitError):
+    """The learner could not train, estimate change or checkpoint."""
+
+
+class DegenerateRatiosError(LearnerError, ValueError):
+    """The ratios cannot support a two-component mixture (too few, or all equal).
+
+    The caller stays in (or goes back to) warm-up: no location is treated as changed.
+    """
