@@ -1,0 +1,380 @@
+"""Augmentations for 12-band reflectance chips, batched and reproducible.
+
+Every function takes a batch ``(N, C, H, W)`` of float reflectance and an explicit
+:class:`torch.Generator`, and draws its own parameters for each image of the batch,
+without a Python loop over the batch. Nothing mixes bands: there is no RGB-only
+operation (no hue or saturation jitter, no grayscale); each band is cropped,
+flipped, jittered and blurred on its own, so an input with one non-zero band keeps
+every other band exactly zero.
+
+Random numbers are drawn on the generator's device and then moved to the data's,
+so a CPU generator can drive augmentations of a batch on an accelerator. For a
+given generator state, batch shape and configuration, the result is always the same.
+
+:class:`Augment` composes them in MoCo v2's order: random resized crop, flips and
+90-degree rotations, per-band brightness/contrast jitter, Gaussian blur.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = [
+    "Augment",
+    "band_jitter",
+    "flip_rotate",
+    "gaussian_blur",
+    "random_resized_crop",
+]
+
+
+def _check_batch(x: Tensor) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected floating-point reflectance, got dtype {x.dtype}")
+
+
+def _uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator, like: Tensor
+) -> Tensor:
+    """Uniform samples in [low, high), drawn on the generator's device, on ``like``'s."""
+    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return (low + (high - low) * u).to(device=like.device, dtype=like.dtype)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    if not low <= value[0] <= value[1] <= high:
+        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {value}")
+
+
+def random_resized_crop(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    size: int | tuple[int, int] | None = None,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> Tensor:
+    """Crop a random box of each image and resize it (bilinear) to ``size``.
+
+    As torchvision's ``RandomResizedCrop``: the box covers a share of the image area
+    drawn uniformly from ``scale``, with an aspect ratio drawn log-uniformly from
+    ``ratio``; of ``attempts`` draws per image the first that fits is used, and the
+    whole image if none does. Box positions are continuous, not whole pixels. The
+    crop is one ``affine_grid`` + ``grid_sample`` for the whole batch; it does not
+    anti-alias, which matters only when ``size`` is much smaller than the box.
+
+    Args:
+        x: (N, C, H, W) float.
+        generator: Source of randomness.
+        size: Output (height, width) or one side; None (the default) keeps (H, W).
+        scale: Range of the box's share of the image area; (0.2, 1.0) by default.
+        ratio: Range of the box's width / height; (3/4, 4/3) by default.
+        attempts: Draws per image before falling back to the whole image; 10.
+
+    Returns:
+        (N, C, *size), float.
+
+    Raises:
+        ValueError: For a bad batch, an empty or reversed ``scale``/``ratio`` range,
+            or ``attempts`` < 1.
+    """
+    _check_batch(x)
+    _check_range("scale", scale, 0.0, 1.0)
+    if scale[1] <= 0.0:
+        raise ValueError(f"scale must allow a non-empty box, got {scale}")
+    _check_range("ratio", ratio, 0.0, math.inf)
+    if ratio[0] <= 0.0:
+        raise ValueError(f"ratio must be positive, got {ratio}")
+    if attempts < 1:
+        raise ValueError(f"attempts must be positive, got {attempts}")
+    n, c, h, w = x.shape
+    out_h, out_w = _pair(size) if size is not None else (h, w)
+
+    area = _uniform((n, attempts), scale[0], scale[1], generator, x)
+    log_ratio = _uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator, x)
+    aspect = torch.exp(log_ratio)
+    # Box width and height as shares of the image's width and height.
+    box_w = torch.sqrt(area * aspect * (h / w))
+    box_h = torch.sqrt(area / aspect * (w / h))
+    fits = (box_w <= 1.0) & (box_h <= 1.0) & (box_w > 0.0) & (box_h > 0.0)
+    # First attempt that fits (argmax returns the first maximum); whole image if none.
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    any_fits = fits.any(dim=1)
+    ones = torch.ones(n, device=x.device, dtype=x.dtype)
+    box_w = torch.where(any_fits, box_w.gather(1, first).squeeze(1), ones)
+    box_h = torch.where(any_fits, box_h.gather(1, first).squeeze(1), ones)
+    left = _uniform((n,), 0.0, 1.0, generator, x) * (1.0 - box_w)
+    top = _uniform((n,), 0.0, 1.0, generator, x) * (1.0 - box_h)
+
+    # Map the output's normalised coordinates [-1, 1] onto the box.
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = box_w
+    theta[:, 0, 2] = 2.0 * left + box_w - 1.0
+    theta[:, 1, 1] = box_h
+    theta[:, 1, 2] = 2.0 * top + box_h - 1.0
+    grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def flip_rotate(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    hflip_p: float = 0.5,
+    vflip_p: float = 0.5,
+    rotate: bool = True,
+) -> Tensor:
+    """Flip each image horizontally and vertically at random, then rotate it by k x 90°.
+
+    With the defaults every image gets one of the 8 symmetries of the square, each
+    with probability 1/8. The result is an exact permutation of the pixels.
+
+    Args:
+        x: (N, C, H, W); H == W if ``rotate``.
+        generator: Source of randomness.
+        hflip_p: Probability of a left-right flip; 0.5 by default.
+        vflip_p: Probability of an up-down flip; 0.5 by default.
+        rotate: Rotate by k x 90° with k uniform in {0, 1, 2, 3}; True by default.
+
+    Returns:
+        (N, C, H, W), the same dtype.
+
+    Raises:
+        ValueError: For a bad batch or probability, or non-square images with ``rotate``.
+    """
+    _check_batch(x)
+    for name, p in (("hflip_p", hflip_p), ("vflip_p", vflip_p)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    n, _, h, w = x.shape
+    if rotate and h != w:
+        raise ValueError(f"90-degree rotations need square images, got {h}x{w}")
+
+    def draw() -> Tensor:
+        u = torch.rand(n, generator=generator, device=generator.device)
+        return u.to(x.device).view(n, 1, 1, 1)
+
+    x = torch.where(draw() < hflip_p, x.flip(-1), x)
+    x = torch.where(draw() < vflip_p, x.flip(-2), x)
+    if rotate:
+        k = (draw() * 4).floor().clamp(max=3)
+        rotated = x
+        for quarter in (1, 2, 3):
+            rotated = torch.where(k == quarter, torch.rot90(x, quarter, dims=(-2, -1)), rotated)
+        x = rotated
+    return x
+
+
+def band_jitter(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+    p: float = 0.8,
+) -> Tensor:
+    """Jitter each band's brightness and contrast independently, per image.
+
+    For band c of an image with mean m_c (over its pixels), with probability ``p``::
+
+        x_c <- m_c + a_c * (x_c - m_c) + b_c * m_c
+
+    where the contrast factor a_c is uniform in [1 - contrast, 1 + contrast] and the
+    relative brightness shift b_c is uniform in [-brightness, brightness]. The shift is
+    relative to the band's mean so it means the same for dark (B01) and bright (B08)
+    bands, and a band that is zero stays zero. Nothing mixes bands.
+
+    Args:
+        x: (N, C, H, W) float.
+        generator: Source of randomness.
+        brightness: Largest relative shift of a band's mean; 0.1 by default.
+        contrast: Largest relative change of a band's contrast; 0.1 by default.
+        p: Probability that an image is jittered at all; 0.8 (MoCo v2) by default.
+
+    Returns:
+        (N, C, H, W), the same dtype.
+
+    Raises:
+        ValueError: For a bad batch, negative ``brightness``, ``contrast`` outside
+            [0, 1], or ``p`` outside [0, 1].
+    """
+    _check_batch(x)
+    if brightness < 0.0:
+        raise ValueError(f"brightness must be non-negative, got {brightness}")
+    if not 0.0 <= contrast <= 1.0:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    n, c, _, _ = x.shape
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
+    factor = 1.0 + apply * _uniform((n, c, 1, 1), -contrast, contrast, generator, x)
+    shift = apply * _uniform((n, c, 1, 1), -brightness, brightness, generator, x)
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    return mean + factor * (x - mean) + shift * mean
+
+
+def gaussian_blur(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    p: float = 0.5,
+) -> Tensor:
+    """Blur each image, with probability ``p``, by a Gaussian of random sigma (pixels).
+
+    The blur is separable (a horizontal then a vertical 1-d convolution), with one
+    kernel per image for all its bands, reflect padding at the edges, and kernel
+    radius ``ceil(3 * sigma[1])``. An image that is not blurred gets a unit impulse
+    kernel and comes back unchanged.
+
+    Args:
+        x: (N, C, H, W) float.
+        generator: Source of randomness.
+        sigma: Range of the standard deviation, in pixels; (0.1, 2.0) (MoCo v2) by
+            default.
+        p: Probability that an image is blurred; 0.5 by default.
+
+    Returns:
+        (N, C, H, W), the same dtype.
+
+    Raises:
+        ValueError: For a bad batch, a non-positive or reversed ``sigma`` range, or
+            ``p`` outside [0, 1].
+    """
+    _check_batch(x)
+    if not 0.0 < sigma[0] <= sigma[1]:
+        raise ValueError(f"sigma must satisfy 0 < min <= max, got {sigma}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    n, c, h, w = x.shape
+    apply = _uniform((n, 1), 0.0, 1.0, generator, x) < p
+    sigmas = _uniform((n, 1), sigma[0], sigma[1], generator, x)
+    radius = min(math.ceil(3.0 * sigma[1]), h - 1, w - 1)
+    if radius < 1:
+        return x
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigmas) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    impulse = (offsets == 0).to(x.dtype).expand_as(kernel)
+    kernel = torch.where(apply, kernel, impulse)  # (N, 2r+1)
+    # One group per (image, band): the same kernel for every band of an image.
+    weight = kernel.repeat_interleave(c, dim=0).view(n * c, 1, 1, 2 * radius + 1)
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight, groups=n * c)
+    weight_v = weight.view(n * c, 1, 2 * radius + 1, 1)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight_v, groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Augment:
+    """The learner's augmentation: crop, flips/rotations, band jitter, blur.
+
+    Call it as ``augment(x, generator)`` on a (N, C, H, W) float batch; each image
+    gets its own parameters. The output is float32 and finite for finite input.
+
+    Attributes:
+        size: Output (height, width) or one side; None (the default) keeps (H, W).
+        crop: Apply :func:`random_resized_crop`; True by default. Without it, an
+            output ``size`` different from the input's is reached by a bilinear
+            resize of the whole image.
+        crop_scale: Range of the crop's share of the image area; (0.2, 1.0).
+        crop_ratio: Range of the crop's aspect ratio; (3/4, 4/3).
+        hflip_p: Probability of a left-right flip; 0.5.
+        vflip_p: Probability of an up-down flip; 0.5.
+        rotate: Random 90-degree rotations; True.
+        brightness: Largest relative shift of a band's mean; 0.1.
+        contrast: Largest relative change of a band's contrast; 0.1.
+        jitter_p: Probability of jittering an image's bands; 0.8. 0 disables it.
+        blur_sigma: Range of the blur's sigma, in pixels; (0.1, 2.0).
+        blur_p: Probability of blurring an image; 0.5. 0 disables it.
+
+    Raises:
+        ValueError: At construction, for an invalid setting.
+    """
+
+    size: int | tuple[int, int] | None = None
+    crop: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rotate: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    jitter_p: float = 0.8
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size is not None and min(_pair(self.size)) < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+        _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
+        if self.crop_scale[1] <= 0.0:
+            raise ValueError(f"crop_scale must allow a non-empty box, got {self.crop_scale}")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        for name, p in (
+            ("hflip_p", self.hflip_p),
+            ("vflip_p", self.vflip_p),
+            ("jitter_p", self.jitter_p),
+            ("blur_p", self.blur_p),
+            ("contrast", self.contrast),
+        ):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if self.brightness < 0.0:
+            raise ValueError(f"brightness must be non-negative, got {self.brightness}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Augment a batch.
+
+        Args:
+            x: (N, C, H, W) float reflectance.
+            generator: Source of randomness; the same state gives the same output.
+
+        Returns:
+            (N, C, *size) float32.
+
+        Raises:
+            ValueError: If ``x`` is not a 4-d float batch, or ``rotate`` is on and the
+                output is not square.
+        """
+        _check_batch(x)
+        x = x.to(torch.float32)
+        if self.crop:
+            x = random_resized_crop(
+                x, generator=generator, size=self.size, scale=self.crop_scale, ratio=self.crop_ratio
+            )
+        elif self.size is not None and _pair(self.size) != tuple(x.shape[-2:]):
+            x = F.interpolate(
+                x, size=_pair(self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        x = flip_rotate(
+            x, generator=generator, hflip_p=self.hflip_p, vflip_p=self.vflip_p, rotate=self.rotate
+        )
+        if self.jitter_p > 0.0:
+            x = band_jitter(
+                x,
+                generator=generator,
+                brightness=self.brightness,
+                contrast=self.contrast,
+                p=self.jitter_p,
+            )
+        if self.blur_p > 0.0:
+            x = gaussian_blur(x, generator=generator, sigma=self.blur_sigma, p=self.blur_p)
+        return x

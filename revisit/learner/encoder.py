@@ -1,0 +1,162 @@
+"""The encoder: a ResNet-18 whose stem takes the 12 canonical Sentinel-2 bands.
+
+The network is the standard ResNet-18 (He et al., 2016; BasicBlock x [2, 2, 2, 2],
+widths 64/128/256/512, BatchNorm, ReLU) with three changes: the stem convolution
+takes ``len(CANONICAL_BANDS)`` = 12 bands instead of 3, there is no classifier, and
+the output is the globally average-pooled 512-d feature vector. It is written here
+rather than taken from torchvision, which the service does not depend on.
+
+Model input is reflectance as DN / 10000 (:func:`scale_dn`), bands in
+:data:`revisit.types.CANONICAL_BANDS` order.
+
+``forward`` has no data-dependent control flow, so the module can be exported with
+``torch.onnx.export(..., dynamo=True)`` with dynamic batch and spatial sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from revisit.types import CANONICAL_BANDS, DN_SCALE
+
+__all__ = ["BasicBlock", "ResNet18Encoder", "scale_dn"]
+
+
+def scale_dn(x: Tensor) -> Tensor:
+    """Scale digital numbers to the model's input, float32 DN / 10000.
+
+    Args:
+        x: Integer DN (uint16 as chips store them, or any other integer dtype), any shape.
+
+    Returns:
+        A float32 tensor of the same shape, ``x * DN_SCALE``.
+
+    Raises:
+        ValueError: If ``x`` is not of an integer dtype (a float tensor has probably
+            been scaled already; scaling it twice would silently ruin the input).
+    """
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"scale_dn expects integer digital numbers, got dtype {x.dtype}")
+    return x.to(torch.float32) * DN_SCALE
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """The two-convolution residual block of ResNet-18/34.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output.
+        stride: Stride of the first convolution (2 halves the resolution).
+    """
+
+    def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: (N, in_channels, H, W).
+
+        Returns:
+            (N, out_channels, H / stride, W / stride).
+        """
+        identity: Tensor = self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        result: Tensor = self.relu(out + identity)
+        return result
+
+
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 backbone for multispectral chips, ending in 512-d pooled features.
+
+    Stem: 7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max-pool, as in the
+    ImageNet ResNet; the total stride is 32, so a 32x32 chip reaches layer4 at 1x1 and
+    the default 64x64 chip at 2x2. Any chip of 32 pixels or more works.
+
+    Args:
+        in_channels: Input bands; 12 (the canonical Sentinel-2 bands) by default.
+        zero_init_residual: Zero the last BatchNorm scale of every residual block, so
+            each block starts as the identity (Goyal et al., 2017); True by default.
+
+    Raises:
+        ValueError: If ``in_channels`` is not positive.
+    """
+
+    #: Dimension of the features :meth:`forward` returns.
+    feature_dim: int = 512
+
+    def __init__(
+        self, *, in_channels: int = len(CANONICAL_BANDS), zero_init_residual: bool = True
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        self.in_channels = in_channels
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, 64, stride=1)
+        self.layer2 = self._make_layer(64, 128, stride=2)
+        self.layer3 = self._make_layer(128, 256, stride=2)
+        self.layer4 = self._make_layer(256, self.feature_dim, stride=2)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
+
+    @staticmethod
+    def _make_layer(in_channels: int, out_channels: int, *, stride: int) -> nn.Sequential:
+        return nn.Sequential(
+            BasicBlock(in_channels=in_channels, out_channels=out_channels, stride=stride),
+            BasicBlock(in_channels=out_channels, out_channels=out_channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encode a batch of chips.
+
+        Args:
+            x: (N, in_channels, H, W) float reflectance (DN / 10000), H and W >= 32.
+
+        Returns:
+            (N, 512) globally average-pooled features.
+
+        Raises:
+            ValueError: If ``x`` is not 4-d or has the wrong number of bands. (Only
+                static properties are checked, so export with dynamic sizes stays
+                guard-free.)
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
