@@ -46,8 +46,7 @@ def main() -> None:
     cluster = EmbeddedPostgres(root / "var")
     try:
         cluster.acquire()
-        url = f"postgresql+psycopg://revisit@/revisit?host={cluster.socket_dir}&port={cluster.port}"
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(cluster.sqlalchemy_url())
         upgrade(engine)
         # Locations spread over one simulated tile (8-9 E, 47-48 N).
         side = max(1, round(args.locations**0.5))

@@ -149,7 +149,7 @@ def main() -> None:
         # No server-side prepared statements: each run is planned anew, as a person's
         # ad-hoc query is, and the planner settings below take effect at once.
         engine = sa.create_engine(
-            f"postgresql+psycopg://revisit@/revisit?host={cluster.socket_dir}&port={cluster.port}",
+            cluster.sqlalchemy_url(),
             connect_args={"prepare_threshold": None},
         )
         upgrade(engine)

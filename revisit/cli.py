@@ -235,13 +235,13 @@ def aoi_list(ctx: typer.Context) -> None:
     """List the AOIs with their bounds and how many locations lie in each."""
     from revisit.db.aois import list_aois
     from revisit.db.engine import Database
-    from revisit.db.locations import all_points
+    from revisit.db.locations import count_locations
 
     with Database(_settings(ctx)) as db, db.engine.connect() as conn:
         table = Table("name", "id", "bounds (lon/lat)", "locations", show_edge=False)
         for aoi in list_aois(conn):
             minx, miny, maxx, maxy = aoi.geom.bounds
-            count = len(all_points(conn, aoi_id=aoi.id))
+            count = count_locations(conn, aoi_id=aoi.id)
             table.add_row(
                 aoi.name, str(aoi.id), f"{minx:.4f},{miny:.4f},{maxx:.4f},{maxy:.4f}", str(count)
             )

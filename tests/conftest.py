@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from revisit.config import load_settings
-from revisit.db.embedded import SUPERUSER, EmbeddedPostgres
+from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.engine import Database
 from revisit.db.migrate import upgrade
 
@@ -62,10 +62,8 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
 
 
 def url_of(cluster: EmbeddedPostgres, dbname: str) -> str:
-    """A SQLAlchemy URL of ``dbname`` in ``cluster``."""
-    return (
-        f"postgresql+psycopg://{SUPERUSER}@/{dbname}?host={cluster.socket_dir}&port={cluster.port}"
-    )
+    """A SQLAlchemy URL of ``dbname`` in ``cluster``, as a string (it goes into settings)."""
+    return cluster.sqlalchemy_url(dbname).render_as_string(hide_password=False)
 
 
 def _create_database(cluster: EmbeddedPostgres, name: str, template: str | None = None) -> None:

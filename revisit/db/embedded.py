@@ -40,6 +40,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from sqlalchemy.engine import URL
 
 from revisit.errors import (
     EmbeddedDatabaseError,
@@ -195,6 +196,15 @@ class EmbeddedPostgres:
         """A libpq URI of the cluster, usable as ``psql "$(revisit db url)"``."""
         host = quote(str(self.socket_dir), safe="")
         return f"postgresql://{SUPERUSER}@/{dbname}?host={host}&port={self.port}"
+
+    def sqlalchemy_url(self, dbname: str = DBNAME) -> URL:
+        """A SQLAlchemy URL (psycopg driver) of a database in the cluster, as its superuser."""
+        return URL.create(
+            "postgresql+psycopg",
+            username=SUPERUSER,
+            database=dbname,
+            query={"host": str(self.socket_dir), "port": str(self.port)},
+        )
 
     def conninfo(self, dbname: str = DBNAME) -> str:
         """A libpq connection string for ``psycopg.connect``, as the cluster's superuser."""

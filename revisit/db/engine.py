@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
 from revisit.config import Settings, redact_url
-from revisit.db.embedded import DBNAME, SUPERUSER, EmbeddedPostgres
+from revisit.db.embedded import EmbeddedPostgres
 from revisit.errors import DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,7 @@ class Database:
         """The SQLAlchemy URL, password included: never log it (use :meth:`display_url`)."""
         if self._external_url is not None:
             return make_url(self._external_url).set(drivername=DRIVER)
-        embedded = self._embedded()
-        return URL.create(
-            DRIVER,
-            username=SUPERUSER,
-            database=DBNAME,
-            query={"host": str(embedded.socket_dir), "port": str(embedded.port)},
-        )
+        return self._embedded().sqlalchemy_url()
 
     def _embedded(self) -> EmbeddedPostgres:
         if self.embedded is None:

@@ -59,8 +59,14 @@ def all_points(conn: Connection, *, aoi_id: int | None = None) -> list[tuple[flo
     return [(float(x), float(y)) for x, y in conn.execute(sa.text(query), params)]
 
 
-def count_locations(conn: Connection) -> int:
-    return int(conn.execute(sa.text("SELECT count(*) FROM location")).scalar_one())
+def count_locations(conn: Connection, *, aoi_id: int | None = None) -> int:
+    """How many locations there are, or how many lie inside an AOI."""
+    query = "SELECT count(*) FROM location l"
+    params: dict[str, object] = {}
+    if aoi_id is not None:
+        query += " JOIN aoi a ON a.id = :aoi AND ST_Intersects(l.geom, a.geom)"
+        params["aoi"] = aoi_id
+    return int(conn.execute(sa.text(query), params).scalar_one())
 
 
 def coverage_cells(conn: Connection, *, cell_deg: float = 1.0) -> BaseGeometry | None:

@@ -36,6 +36,10 @@ def test_aoi_grid_sample_and_simulated_ingest(
             sa.text("SELECT count(*) FROM location WHERE origin = 'aoi-grid'")
         ).scalar_one()
     assert 6 <= n <= 20  # ~2.3 km x 2.2 km at 640 m
+    listed = revisit("aoi", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "lake" in line)
+    assert row.split()[-1] == str(n)  # the location count, in the last column
 
     run = revisit(
         "ingest", "--source", "simulated", "--aoi", "lake", "--since", "2023-06-01",
