@@ -366,6 +366,108 @@ def ingest(
         raise typer.Exit(EXIT_ERROR)
 
 
+@app.command()
+def learn(
+    ctx: typer.Context,
+    steps: Annotated[int, typer.Option(min=0, help="How many steps to take.")] = 1000,
+    method: Annotated[
+        str | None,
+        typer.Option(help="moco, tp, geo-tp, seco, teco or caco (default: learner.method)."),
+    ] = None,
+    new_model: Annotated[
+        bool,
+        typer.Option(
+            "--new-model",
+            help="Start a fresh model even if the database holds a checkpoint; "
+            "the step counter and the change estimates carry on.",
+        ),
+    ] = False,
+) -> None:
+    """Train the encoder on the ingested observations and update every location's r.
+
+    Resumes from the newest checkpoint; Ctrl-C (or SIGTERM) ends the step in
+    progress, checkpoints and exits.
+    """
+    import signal
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+    from revisit.learner.online import OnlineLearner, StepReport
+    from revisit.learner.trainer import METHODS
+
+    settings = _settings(ctx)
+    if method is not None and method not in METHODS:
+        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Database(settings) as db:
+            upgrade(db.engine)
+            with (
+                OnlineLearner(
+                    settings=settings, engine=db.engine, method=method, new_model=new_model
+                ) as learner,
+                Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.fields[stats]}"),
+                    console=Console(stderr=True),
+                    transient=True,
+                ) as bar,
+            ):
+                task = bar.add_task(
+                    f"{learner.method} from step {learner.step}", total=steps, stats=""
+                )
+
+                def progress(report: StepReport) -> None:
+                    bar.update(
+                        task,
+                        advance=1,
+                        stats=f"step {report.step}  loss {report.loss:.3f}  "
+                        f"{report.steps_per_s:.2f} steps/s  "
+                        f"changed {report.changed_fraction:.1%} of {report.measured}",
+                    )
+
+                summary = learner.run(steps, stop=stop, on_step=progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    table = Table(
+        "method",
+        "steps",
+        "last step",
+        "mean loss",
+        "steps/s",
+        "measured",
+        "changed",
+        show_edge=False,
+    )
+    rate = summary.steps / summary.seconds if summary.seconds > 0 else 0.0
+    table.add_row(
+        summary.method,
+        str(summary.steps),
+        str(summary.last_step),
+        f"{summary.mean_loss:.4f}",
+        f"{rate:.2f}",
+        str(summary.measured),
+        f"{summary.changed_fraction:.1%}",
+    )
+    stdout.print(table)
+    if summary.stopped:
+        stdout.print(
+            f"[yellow]stopped at step {summary.last_step}; checkpointed, the next run resumes[/]"
+        )
+
+
 @chips_app.command("gc")
 def chips_gc(
     ctx: typer.Context,

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -131,6 +139,70 @@ class SentinelHubSettings(_Section):
         return value
 
 
+class LearnerSettings(_Section):
+    """The online learner (DESIGN §4): method, model, tuple mining and the change estimate."""
+
+    method: Literal["moco", "tp", "geo-tp", "seco", "teco", "caco"] = Field(
+        default="caco",
+        description="Training method; ``caco`` is change-aware contrastive learning.",
+    )
+    batch_size: int = Field(default=64, ge=2, le=4096, description="Locations per step.")
+    queue_size: int = Field(default=16384, ge=1, le=1_000_000, description="Keys per head, K.")
+    proj_dim: int = Field(default=128, ge=8, le=2048, description="Projection dimension.")
+    momentum: float = Field(default=0.999, ge=0, le=1, description="Key encoder momentum m.")
+    temperature: float = Field(default=0.07, gt=0, le=10, description="InfoNCE τ.")
+    lr: float = Field(
+        default=0.03,
+        gt=0,
+        le=10,
+        description="SGD learning rate for a batch of 256; scaled linearly with batch_size.",
+    )
+    sgd_momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    short_min_days: float = Field(default=14, ge=0, description="k+ at least this far from q.")
+    short_max_days: float = Field(default=120, gt=0, description="k+ at most this far from q.")
+    long_min_days: float = Field(default=330, gt=0, description="k_lt at least this long before q.")
+    doy_window_days: float = Field(
+        default=45, ge=0, le=183, description="k_lt's day of year within this of q's."
+    )
+    min_valid_fraction: float = Field(
+        default=0.8, ge=0, le=1, description="Observations below this valid share are not mined."
+    )
+    max_cloud_fraction: float = Field(
+        default=0.2, ge=0, le=1, description="Observations above this cloud share are not mined."
+    )
+    recency_half_life_days: float = Field(
+        default=180, gt=0, description="Replay weight halves for observations this much older."
+    )
+    recency_mix: float = Field(
+        default=0.5, ge=0, le=1, description="Share of draws weighted by recency; the rest uniform."
+    )
+    beta: float = Field(default=0.8, ge=0, lt=1, description="EMA weight of the old ratio r.")
+    warmup_steps: int = Field(
+        default=200, ge=0, description="Steps before the first mixture fit; long-term keys masked."
+    )
+    refit_every: int = Field(default=100, ge=1, description="Steps between mixture refits.")
+    checkpoint_every: int = Field(
+        default=100, ge=1, description="Steps between checkpoints (and change-estimate writes)."
+    )
+    keep_checkpoints: int = Field(default=3, ge=1, le=1000, description="Checkpoint files kept.")
+    refresh_every: int = Field(
+        default=50, ge=1, description="Steps between looks for newly ingested observations."
+    )
+    geo_clusters: int = Field(default=100, ge=2, le=10_000, description="K-means K for geo-tp.")
+    prefetch: int = Field(default=3, ge=1, le=64, description="Batches prepared ahead.")
+    seed: int = Field(default=0, ge=0, description="Seed of mining, augmentation and weights.")
+    threads: int = Field(default=0, ge=0, le=256, description="Torch threads; 0: torch's default.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> LearnerSettings:
+        if self.short_min_days >= self.short_max_days:
+            raise ValueError("short_min_days must be below short_max_days")
+        if self.queue_size < self.batch_size:
+            raise ValueError("queue_size must be at least batch_size")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything revisit can be configured with.
 
@@ -163,6 +235,7 @@ class Settings(BaseSettings):
     simulated: SimulatedSettings = SimulatedSettings()
     local: LocalSettings = LocalSettings()
     sentinelhub: SentinelHubSettings = SentinelHubSettings()
+    learner: LearnerSettings = LearnerSettings()
 
     @field_validator("data_dir")
     @classmethod

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from revisit.config import load_settings, redact_url
+from revisit.config import Settings, load_settings, redact_url
 from revisit.errors import ConfigError
 
 
@@ -110,3 +110,25 @@ def test_secrets_do_not_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pydantic import BaseModel
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    missing = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            env_prefix = f"REVISIT_{name.upper()}__"
+            section_rows = [row for row in rows if row.startswith(f"| `{name}.")]
+            for sub in section.model_fields:
+                env = sub.upper()
+                if not any(
+                    f"{env_prefix}{env}`" in row or f"…__{env}`" in row for row in section_rows
+                ):
+                    missing.append(f"{name}.{sub}")
+        elif not any(f"REVISIT_{name.upper()}`" in row for row in rows):
+            missing.append(name)
+    assert missing == [], f"settings missing from README's configuration table: {missing}"

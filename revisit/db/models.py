@@ -270,6 +270,8 @@ class ChangeEvent(Base):
         CheckConstraint("step >= 0", name="step_nonnegative"),
         CheckConstraint("ratio >= 0 AND ratio_ema >= 0", name="ratio_nonnegative"),
         CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
+        # No event is written twice for the same step of a location.
+        UniqueConstraint("location_id", "step"),
         Index("ix_change_event_location_id_created_at", "location_id", "created_at"),
     )
 

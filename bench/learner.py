@@ -1,0 +1,148 @@
+"""Learner speed: training tuples per second, against the pure compute bound in the same run.
+
+The learner run is ``OnlineLearner.run`` on an ingested simulated world: mining,
+chip reads with their hash checks, augmentation, the step, the change
+bookkeeping, checkpoints and the batched database writes. The compute bound is
+the same ``Trainer.train_step`` (forward and backward passes, momentum update,
+queues, R) on random tensors of the same shapes, with no data loading and no
+database. Both take the same number of steps after the same warm-up. The
+figure printed last is learner tuples/s ÷ compute-bound tuples/s (target ≥ 0.85:
+loading and writing overlap compute instead of adding to it).
+
+    .venv/bin/python bench/learner.py [--locations 64] [--steps 60] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+import torch
+
+from revisit.config import IngestSettings, load_settings
+from revisit.db.embedded import EmbeddedPostgres
+from revisit.db.locations import insert_locations
+from revisit.db.migrate import upgrade
+from revisit.ingest.chips import ChipStore
+from revisit.ingest.pipeline import IngestPipeline
+from revisit.ingest.sources.simulated import SimulatedSource
+from revisit.learner.loader import TrainBatch
+from revisit.learner.online import OnlineLearner
+from revisit.learner.trainer import Trainer
+
+START = date(2023, 1, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--locations", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--chip-size", type=int, default=64)
+    parser.add_argument("--method", default="caco")
+    parser.add_argument("--checkpoint-every", type=int, default=20)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    root = Path(tempfile.mkdtemp(prefix="revisit-bench-learner-"))
+    root.chmod(0o755)
+    cluster = EmbeddedPostgres(root / "var" / "postgres")
+    try:
+        cluster.acquire()
+        url = cluster.sqlalchemy_url()
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        upgrade(engine)
+        side = max(1, round(args.locations**0.5))
+        points = [
+            (8.05 + 0.9 * (i % side) / side, 47.05 + 0.9 * (i // side) / side)
+            for i in range(args.locations)
+        ]
+        with engine.begin() as conn:
+            insert_locations(conn, points, origin="manual", chip_size=args.chip_size)
+        start = datetime.combine(START, datetime.min.time(), UTC)
+        IngestPipeline(
+            engine,
+            ChipStore(root / "var" / "chips", fsync=False),
+            SimulatedSource(seed=0, start=START),
+            settings=IngestSettings(chip_size=args.chip_size),
+        ).run(since=start, until=start + timedelta(days=560))
+        settings = load_settings(
+            database_url=url.render_as_string(hide_password=False),
+            data_dir=root / "var",
+            learner={
+                "method": args.method,
+                "batch_size": args.batch,
+                "queue_size": 4096,
+                "warmup_steps": args.warmup,
+                "refit_every": 10,
+                "checkpoint_every": args.checkpoint_every,
+            },
+        )
+
+        with OnlineLearner(settings=settings, engine=engine) as learner:
+            learner.run(args.warmup)
+            began = time.perf_counter()
+            tuples = 0
+
+            def count(report: object) -> None:
+                nonlocal tuples
+                tuples += args.batch
+
+            learner.run(args.steps, on_step=count)
+            learner_s = time.perf_counter() - began
+            sample = learner._loader.get() if learner._loader is not None else None  # shapes
+        if sample is None:
+            raise SystemExit("no batch to copy shapes from")
+        learner_rate = tuples / learner_s
+
+        trainer = Trainer(settings.learner)
+        gen = torch.Generator().manual_seed(0)
+
+        def random_batch(step: int) -> TrainBatch:
+            def like(t: torch.Tensor) -> torch.Tensor:
+                return torch.rand(t.shape, generator=gen) * 0.3
+
+            views = sample.seco_views
+            seco = None if views is None else (like(views[0]), like(views[1]), like(views[2]))
+            return TrainBatch(
+                step=step,
+                tuples=sample.tuples,
+                x_query=like(sample.x_query),
+                x_positive=like(sample.x_positive),
+                x_longterm=like(sample.x_longterm),
+                longterm_valid=sample.longterm_valid,
+                query_view=like(sample.query_view),
+                seco_views=seco,
+                cluster_id=sample.cluster_id,
+            )
+
+        batches = [random_batch(i) for i in range(args.warmup + args.steps)]
+        changed = np.zeros(len(sample.tuples), dtype=bool)
+        for b in batches[: args.warmup]:
+            trainer.train_step(b, changed=changed)
+        began = time.perf_counter()
+        for b in batches[args.warmup :]:
+            trainer.train_step(b, changed=changed)
+        compute_s = time.perf_counter() - began
+        compute_rate = args.steps * len(sample.tuples) / compute_s
+
+        print(f"method {args.method}, batch {args.batch}, chips {args.chip_size} px")
+        n = args.steps
+        print(f"learner:       {learner_rate:8.1f} tuples/s ({n} steps, {learner_s:.1f} s)")
+        print(f"compute bound: {compute_rate:8.1f} tuples/s ({n} steps, {compute_s:.1f} s)")
+        print(f"learner / compute bound: {learner_rate / compute_rate:.3f}")
+    finally:
+        cluster.release()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

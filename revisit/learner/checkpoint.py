@@ -1,0 +1,152 @@
+"""Checkpoint files: written atomically, found through ``model_version``, pruned by age.
+
+A checkpoint is one ``torch.save`` file under ``<data_dir>/checkpoints/<method>/``
+named by its step. It is written to a temporary name in the same directory,
+flushed to disk (``fsync``), renamed into place and the directory flushed, so a
+kill at any moment leaves either the whole file or none under its name. The
+file becomes *the* checkpoint only when its ``model_version`` row commits,
+together with the change estimates and events of the steps it covers; a file
+with no row (a kill between the rename and the commit) is an orphan that the
+next prune removes, and a resumed learner never sees it.
+
+Files hold only tensors, numbers, strings, lists and dicts, and are read back
+with ``torch.load(weights_only=True)``: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revisit.errors import LearnerError
+
+#: Version of the file layout; a file of another version is refused with a clear error.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
+SUFFIX = ".pt"
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(LearnerError):
+    """A checkpoint is missing, damaged, or of another format or method."""
+
+
+def checkpoint_key(method: str, step: int) -> str:
+    """The data-dir-relative name of a checkpoint, e.g. ``checkpoints/caco/step-0000000100.pt``."""
+    if step < 0:
+        raise ValueError(f"step must be ≥ 0, got {step}")
+    return f"{CHECKPOINT_DIR}/{method}/step-{step:010d}{SUFFIX}"
+
+
+def _path(data_dir: Path, key: str) -> Path:
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != CHECKPOINT_DIR or any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"not a checkpoint key: {key!r}")
+    return data_dir / key
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(data_dir: Path, key: str, payload: Mapping[str, Any]) -> tuple[str, int]:
+    """Write a checkpoint atomically.
+
+    Args:
+        data_dir: The data directory.
+        key: From :func:`checkpoint_key`.
+        payload: What to save; ``format`` is added.
+
+    Returns:
+        (sha256 of the file, its size in bytes).
+
+    Raises:
+        CheckpointError: The write failed (a full disk, say); no partial file is
+            left under the checkpoint's name.
+    """
+    target = _path(data_dir, key)
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
+    data = buffer.getvalue()
+    sha256 = hashlib.sha256(data).hexdigest()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointError(f"could not write checkpoint {key}: {exc}") from exc
+    return sha256, len(data)
+
+
+def load_checkpoint(data_dir: Path, key: str, *, sha256: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint, checking its hash when one is given.
+
+    Raises:
+        CheckpointError: The file is missing, fails its hash, cannot be read, or
+            is of another format.
+    """
+    path = _path(data_dir, key)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {key} is missing or unreadable: {exc}") from exc
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise CheckpointError(
+                f"checkpoint {key} fails its hash: sha256 {actual}, expected {sha256}"
+            )
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a damaged file
+        raise CheckpointError(f"checkpoint {key} cannot be read: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"checkpoint {key} has format {found!r}; this revisit reads format {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
+def prune_checkpoints(data_dir: Path, *, keep: Iterable[str]) -> list[str]:
+    """Remove checkpoint files not in ``keep`` and leftover temporary files.
+
+    Args:
+        data_dir: The data directory.
+        keep: Keys to keep (the newest committed checkpoints).
+
+    Returns:
+        The data-dir-relative names removed.
+    """
+    root = data_dir / CHECKPOINT_DIR
+    keep_paths = {_path(data_dir, key) for key in keep}
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.glob("*/*")):
+        if not path.is_file() or path in keep_paths:
+            continue
+        if path.name.endswith(SUFFIX) or path.name.endswith(TMP_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path.relative_to(data_dir).as_posix())
+    return removed

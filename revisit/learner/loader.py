@@ -1,0 +1,296 @@
+"""From mined tuples to training tensors, prepared on a thread ahead of the step.
+
+:func:`prepare_batch` reads a tuple batch's chips from the chip store (each
+checked against its hash) and builds the views the method needs.
+:class:`BatchLoader` runs mining and preparation for the coming steps on a
+background thread, ``prefetch`` batches ahead, so reading files and augmenting
+overlap the forward and backward passes instead of adding to them.
+
+Every step's randomness comes from ``(seed, step)`` alone, not from a stream
+shared across steps, so a batch prepared ahead and thrown away at shutdown
+costs nothing and a resumed learner draws what the uninterrupted one would
+have drawn (given the same observations).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from revisit.db.learning import ObservationTable
+from revisit.errors import ChipStoreError, LearnerError
+from revisit.ingest.chips import ChipStore
+from revisit.learner.augment import Augment
+from revisit.learner.encoder import scale_dn
+from revisit.learner.mining import MiningPolicy, ObservationIndex, TupleBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Everything one training step needs, as tensors (reflectance = DN / 10000).
+
+    Attributes:
+        step: The step this batch is for.
+        tuples: The observation ids behind the rows.
+        x_query: (B, C, H, W) q at t0, not augmented (R is measured on it).
+        x_positive: (B, C, H, W) k+ at t1, not augmented; where the location had
+            no k+ candidate, a second augmented view of q.
+        x_longterm: (B, C, H, W) k_lt, not augmented; zeros where ``longterm_valid`` is False.
+        longterm_valid: (B,) bool.
+        query_view: (B, C, H, W) the augmented q the query encoder sees.
+        seco_views: For ``seco`` only: (k0, k1, k2) = (aug'(x_t1), aug_q(x_t2), aug''(x_t0)),
+            with x_t2 the long-term image where there is one, else x_t1, and aug_q
+            the query's own augmentation.
+        cluster_id: (B,) geo cluster of each location, for ``geo-tp``; None otherwise.
+    """
+
+    step: int
+    tuples: TupleBatch
+    x_query: Tensor
+    x_positive: Tensor
+    x_longterm: Tensor
+    longterm_valid: Tensor
+    query_view: Tensor
+    seco_views: tuple[Tensor, Tensor, Tensor] | None
+    cluster_id: Tensor | None
+
+
+def step_seeds(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The numpy and torch generators of one step, functions of (seed, step) only."""
+    sequence = np.random.SeedSequence([seed, step])
+    rng = np.random.default_rng(sequence)
+    gen = torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return rng, gen
+
+
+def _read(store: ChipStore, index: ObservationIndex, ids: list[int]) -> dict[int, np.ndarray]:
+    """Chips of the observations that read and pass their hash; the others are logged."""
+    out: dict[int, np.ndarray] = {}
+    for obs_id in ids:
+        if obs_id < 0 or obs_id in out:
+            continue
+        key, sha = index.chip(obs_id)
+        try:
+            out[obs_id] = store.get(key, sha)
+        except ChipStoreError as exc:
+            logger.warning("skipping observation %d in training: %s", obs_id, exc)
+    return out
+
+
+def prepare_batch(
+    *,
+    step: int,
+    tuples: TupleBatch,
+    index: ObservationIndex,
+    store: ChipStore,
+    augment: Augment,
+    generator: torch.Generator,
+    method: str,
+    clusters: Mapping[int, int] | None = None,
+) -> TrainBatch:
+    """Read a batch's chips and build the method's views.
+
+    Rows whose q fails to read are dropped; a k+ or k_lt that fails to read is
+    treated as absent (second view of q; no change update).
+
+    Raises:
+        LearnerError: Fewer than two rows are left, or the chips differ in shape.
+    """
+    chips = _read(
+        store,
+        index,
+        [*tuples.query_id.tolist(), *tuples.positive_id.tolist(), *tuples.longterm_id.tolist()],
+    )
+    keep = [i for i, q in enumerate(tuples.query_id.tolist()) if q in chips]
+    if len(keep) < 2:
+        raise LearnerError(
+            f"step {step}: fewer than 2 readable query chips in a batch of {len(tuples)}; "
+            "check the chip store (revisit chips verify)"
+        )
+    rows = np.asarray(keep, dtype=np.int64)
+    positive = np.where(
+        np.isin(tuples.positive_id[rows], list(chips)), tuples.positive_id[rows], -1
+    )
+    longterm = np.where(
+        np.isin(tuples.longterm_id[rows], list(chips)), tuples.longterm_id[rows], -1
+    )
+    kept = TupleBatch(
+        location_id=tuples.location_id[rows],
+        query_id=tuples.query_id[rows],
+        positive_id=positive,
+        longterm_id=longterm,
+    )
+    shapes = {chip.shape for chip in chips.values()}
+    if len(shapes) != 1:
+        raise LearnerError(f"step {step}: chips of different shapes in one batch: {sorted(shapes)}")
+    shape = shapes.pop()
+
+    def stack(ids: np.ndarray) -> Tensor:
+        arr = np.zeros((len(ids), *shape), dtype=np.uint16)
+        for i, obs_id in enumerate(ids.tolist()):
+            if obs_id >= 0:
+                arr[i] = chips[obs_id]
+        return scale_dn(torch.from_numpy(arr.astype(np.int32)))
+
+    x_query = stack(kept.query_id)
+    x_positive = stack(kept.positive_id)
+    x_longterm = stack(kept.longterm_id)
+    longterm_valid = torch.from_numpy(kept.longterm_id >= 0)
+    fallback = torch.from_numpy(kept.positive_id < 0)
+    if bool(fallback.any()):
+        x_positive[fallback] = augment(x_query[fallback], generator)
+
+    query_state = generator.get_state()
+    query_view = augment(x_query, generator)
+    seco_views = None
+    if method == "seco":
+        x_t2 = torch.where(longterm_valid[:, None, None, None], x_longterm, x_positive)
+        same = torch.Generator().set_state(query_state)
+        seco_views = (
+            augment(x_positive, generator),
+            augment(x_t2, same),
+            augment(x_query, generator),
+        )
+    cluster_id = None
+    if clusters is not None:
+        cluster_id = torch.tensor(
+            [clusters.get(int(loc), 0) for loc in kept.location_id], dtype=torch.long
+        )
+    return TrainBatch(
+        step=step,
+        tuples=kept,
+        x_query=x_query,
+        x_positive=x_positive,
+        x_longterm=x_longterm,
+        longterm_valid=longterm_valid,
+        query_view=query_view,
+        seco_views=seco_views,
+        cluster_id=cluster_id,
+    )
+
+
+FetchObservations = Callable[[int], ObservationTable]
+"""Fetch usable observations with ids above the argument (the database read)."""
+
+
+class BatchLoader:
+    """Mines and prepares the batches of steps ``first_step, first_step + 1, …`` on a thread.
+
+    Args:
+        fetch: Reads newly ingested usable observations (ids above its argument).
+        store: The chip store.
+        augment: The augmentation.
+        policy: Mining windows and replay weighting.
+        method: The training method (``seco`` gets its extra views).
+        batch_size: Locations per batch.
+        seed: Seed of every step's randomness.
+        first_step: The step of the first batch.
+        refresh_every: Steps between fetches of new observations.
+        prefetch: Batches prepared ahead.
+        clusters: Location id → geo cluster, for ``geo-tp``.
+    """
+
+    def __init__(
+        self,
+        *,
+        fetch: FetchObservations,
+        store: ChipStore,
+        augment: Augment,
+        policy: MiningPolicy,
+        method: str,
+        batch_size: int,
+        seed: int,
+        first_step: int,
+        refresh_every: int = 50,
+        prefetch: int = 3,
+        clusters: Mapping[int, int] | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._store = store
+        self._augment = augment
+        self._policy = policy
+        self._method = method
+        self._batch_size = batch_size
+        self._seed = seed
+        self._next_step = first_step
+        self._refresh_every = refresh_every
+        self._clusters = clusters
+        self.index = ObservationIndex()
+        self._queue: queue.Queue[TrainBatch | BaseException] = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="revisit-batch-loader", daemon=True)
+        self._since_refresh = refresh_every
+
+    def start(self) -> None:
+        """Load the observations held now and start preparing batches."""
+        self.index.extend(self._fetch(self.index.last_id))
+        self._since_refresh = 0
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._since_refresh >= self._refresh_every:
+                    added = self.index.extend(self._fetch(self.index.last_id))
+                    if added:
+                        logger.info("learner sees %d new observations", added)
+                    self._since_refresh = 0
+                step = self._next_step
+                rng, gen = step_seeds(self._seed, step)
+                tuples = self.index.sample(rng, batch_size=self._batch_size, policy=self._policy)
+                batch = prepare_batch(
+                    step=step,
+                    tuples=tuples,
+                    index=self.index,
+                    store=self._store,
+                    augment=self._augment,
+                    generator=gen,
+                    method=self._method,
+                    clusters=self._clusters,
+                )
+                self._next_step += 1
+                self._since_refresh += 1
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put(exc)
+
+    def get(self, timeout: float | None = None) -> TrainBatch:
+        """The next batch, in step order.
+
+        Raises:
+            LearnerError: The loader failed (its error is chained) or timed out.
+        """
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty as exc:
+            raise LearnerError(f"no training batch within {timeout} s") from exc
+        if isinstance(item, BaseException):
+            if isinstance(item, LearnerError):
+                raise item
+            raise LearnerError(f"preparing a training batch failed: {item}") from item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the batch in hand) and drop what was prepared."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)

@@ -1,0 +1,540 @@
+"""The online learner: resume, train on what the database holds, write r back, checkpoint.
+
+:class:`OnlineLearner` ties the parts together:
+
+1. **Open**: take the learner's advisory lock (one learner per database), read
+   the newest ``model_version`` and resume from its checkpoint (model, key
+   encoder, queues, optimiser, mixture, geo clusters, RNG), load every current
+   change estimate, and start the batch loader.
+2. **Run**: for each step, take the prepared batch, decide which locations are
+   changed (nobody during the warm-up), take the step, and fold R into r in
+   memory. The mixture is refitted every ``refit_every`` steps after the warm-up.
+3. **Checkpoint** every ``checkpoint_every`` steps and when a run ends: write the
+   file atomically, then in *one* transaction insert the ``model_version`` row and
+   write the estimates and events of the steps since the last checkpoint
+   (COPY + one ``UPDATE … FROM``).
+
+Because the estimates, the events and the checkpoint commit together, a kill at
+any moment resumes from the last commit with the database agreeing with the
+model: the step counter never goes back, no step's events are written twice,
+and ``change_estimate.updates`` only grows. The steps after the last commit are
+taken again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+import revisit
+from revisit.config import Settings
+from revisit.db import learning
+from revisit.errors import DegenerateRatiosError, LearnerError
+from revisit.ingest.chips import ChipStore
+from revisit.learner import checkpoint as ckpt
+from revisit.learner.change import ChangeMixture, fit_change_mixture
+from revisit.learner.estimates import ChangeState
+from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
+from revisit.learner.loader import BatchLoader
+from revisit.learner.mining import MiningPolicy
+from revisit.learner.trainer import Trainer, default_augment
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Progress after one step.
+
+    Attributes:
+        step: The step just taken.
+        loss: Its loss.
+        steps_per_s: Recent training speed.
+        changed_fraction: Share of measured locations classified as changed.
+        measured: Locations with a change estimate.
+        checkpointed: A checkpoint was committed after this step.
+    """
+
+    step: int
+    loss: float
+    steps_per_s: float
+    changed_fraction: float
+    measured: int
+    checkpointed: bool
+
+
+@dataclass(frozen=True)
+class LearnSummary:
+    """What a call of :meth:`OnlineLearner.run` did."""
+
+    method: str
+    first_step: int
+    last_step: int
+    mean_loss: float
+    seconds: float
+    changed_fraction: float
+    measured: int
+    model_version_id: int | None
+    stopped: bool
+
+    @property
+    def steps(self) -> int:
+        """Steps taken."""
+        return self.last_step - self.first_step + 1 if self.last_step >= self.first_step else 0
+
+
+def _mixture_to_dict(mixture: ChangeMixture | None) -> dict[str, Any] | None:
+    return None if mixture is None else asdict(mixture)
+
+
+def _mixture_from_dict(raw: Any) -> ChangeMixture | None:
+    if raw is None:
+        return None
+    return ChangeMixture(
+        log_means=(float(raw["log_means"][0]), float(raw["log_means"][1])),
+        log_stds=(float(raw["log_stds"][0]), float(raw["log_stds"][1])),
+        weights=(float(raw["weights"][0]), float(raw["weights"][1])),
+        threshold=None if raw["threshold"] is None else float(raw["threshold"]),
+        n_samples=int(raw["n_samples"]),
+    )
+
+
+class OnlineLearner:
+    """Trains one method on the database's observations and keeps the change estimates.
+
+    Use it as a context manager (or call :meth:`open` and :meth:`close`)::
+
+        with OnlineLearner(settings=settings, engine=db.engine) as learner:
+            learner.run(steps=1000)
+
+    Args:
+        settings: The whole configuration (``learner``, ``data_dir``).
+        engine: The database.
+        store: The chip store; ``<data_dir>/chips`` by default.
+        method: Overrides ``settings.learner.method``.
+        new_model: Start a fresh model even if the database holds a checkpoint
+            (of any method); the step counter goes on from the last one and the
+            change estimates are kept.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: Engine,
+        store: ChipStore | None = None,
+        method: str | None = None,
+        new_model: bool = False,
+    ) -> None:
+        learner_settings = settings.learner
+        if method is not None and method != learner_settings.method:
+            learner_settings = learner_settings.model_copy(update={"method": method})
+            # model_copy skips validation; the method literal is checked by Trainer.
+        self.settings = settings
+        self.config = learner_settings
+        self.method = learner_settings.method
+        self.engine = engine
+        self.data_dir = settings.data_dir
+        self.store = store or ChipStore(settings.data_dir / "chips")
+        self.new_model = new_model
+        self.step = 0
+        self.model_version_id: int | None = None
+        self.mixture: ChangeMixture | None = None
+        self.geo_centroids: np.ndarray | None = None
+        self.clusters: dict[int, int] | None = None
+        self._trainer: Trainer | None = None
+        self._state: ChangeState | None = None
+        self._loader: BatchLoader | None = None
+        self._lock_conn: Connection | None = None
+        self._last_checkpoint_step = 0
+        self._broken: str | None = None
+        self._recent_losses: list[float] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> OnlineLearner:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(checkpoint=exc[0] is None)
+
+    @property
+    def trainer(self) -> Trainer:
+        """The model and optimiser (after :meth:`open`)."""
+        if self._trainer is None:
+            raise LearnerError("the learner is not open")
+        return self._trainer
+
+    @property
+    def state(self) -> ChangeState:
+        """The in-memory change estimates (after :meth:`open`)."""
+        if self._state is None:
+            raise LearnerError("the learner is not open")
+        return self._state
+
+    def open(self) -> None:
+        """Take the lock, resume from the newest checkpoint and start the loader.
+
+        Raises:
+            LearnerError: Another learner holds the lock, the newest checkpoint is
+                of another method (and ``new_model`` is off), or it is damaged.
+        """
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        conn = self.engine.connect()
+        try:
+            if not learning.try_learner_lock(conn):
+                raise LearnerError(
+                    "another learner is running against this database "
+                    "(it holds the learner's advisory lock); stop it first"
+                )
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        self._lock_conn = conn
+        try:
+            self._resume()
+            self._start_loader()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _resume(self) -> None:
+        trainer = Trainer(self.config)
+        with self.engine.connect() as conn:
+            latest = learning.latest_model_version(conn)
+            last_event_step = learning.max_event_step(conn) or 0
+            estimates = learning.load_change_estimates(conn)
+        payload: dict[str, Any] | None = None
+        if latest is not None and not self.new_model:
+            if latest.method != self.method:
+                raise LearnerError(
+                    f"this database's learner is at step {latest.step} with method "
+                    f"{latest.method!r}, not {self.method!r}; run with --method {latest.method} "
+                    "to go on, or pass --new-model to start a new model (the step counter and "
+                    "the change estimates carry on)"
+                )
+            if latest.checkpoint_key is None:
+                raise LearnerError(
+                    f"model version {latest.id} (step {latest.step}) has no checkpoint file"
+                )
+            payload = ckpt.load_checkpoint(
+                self.data_dir, latest.checkpoint_key, sha256=latest.metrics.get("sha256")
+            )
+            if payload.get("method") != self.method or int(payload["step"]) != latest.step:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {latest.checkpoint_key} holds method {payload.get('method')!r} "
+                    f"step {payload.get('step')}, but its model_version row says "
+                    f"{latest.method!r} step {latest.step}"
+                )
+            trainer.load_state_dict(payload["trainer"])
+            self.mixture = _mixture_from_dict(payload.get("mixture"))
+            centroids = payload.get("geo_centroids")
+            self.geo_centroids = None if centroids is None else np.asarray(centroids)
+            torch.set_rng_state(payload["torch_rng"])
+            logger.info(
+                "learner resumes %s at step %d from %s",
+                self.method,
+                latest.step,
+                latest.checkpoint_key,
+            )
+        self.step = max(latest.step if latest is not None else 0, last_event_step)
+        self.model_version_id = latest.id if latest is not None else None
+        self._last_checkpoint_step = self.step
+        self._trainer = trainer
+        self._state = ChangeState(estimates, beta=self.config.beta)
+        if self.method == "geo-tp":
+            self._assign_clusters()
+
+    def _assign_clusters(self) -> None:
+        with self.engine.begin() as conn:
+            table = learning.location_table(conn)
+            if table.id.size == 0:
+                self.clusters = {}
+                return
+            if self.geo_centroids is None:
+                self.geo_centroids = fit_geo_clusters(
+                    table.lon, table.lat, k=self.config.geo_clusters, seed=self.config.seed
+                )
+            ids = assign_geo_clusters(table.lon, table.lat, self.geo_centroids)
+            stale = ids != table.cluster_id
+            if stale.any():
+                learning.set_cluster_ids(conn, location_ids=table.id[stale], cluster_ids=ids[stale])
+        clusters = dict(zip(table.id.tolist(), ids.tolist(), strict=True))
+        if self.clusters is None:
+            self.clusters = clusters
+        else:  # the loader holds this dict: update it in place
+            self.clusters.update(clusters)
+
+    def _fetch(self, after_id: int) -> learning.ObservationTable:
+        with self.engine.connect() as conn:
+            return learning.usable_observations(
+                conn,
+                after_id=after_id,
+                min_valid_fraction=self.config.min_valid_fraction,
+                max_cloud_fraction=self.config.max_cloud_fraction,
+            )
+
+    def _start_loader(self) -> None:
+        c = self.config
+        self._loader = BatchLoader(
+            fetch=self._fetch,
+            store=self.store,
+            augment=default_augment(),
+            policy=MiningPolicy(
+                short_min_days=c.short_min_days,
+                short_max_days=c.short_max_days,
+                long_min_days=c.long_min_days,
+                doy_window_days=c.doy_window_days,
+                recency_half_life_days=c.recency_half_life_days,
+                recency_mix=c.recency_mix,
+            ),
+            method=self.method,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            first_step=self.step + 1,
+            refresh_every=c.refresh_every,
+            prefetch=c.prefetch,
+            clusters=self.clusters,
+        )
+        self._loader.start()
+
+    def _release_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is None:
+            return
+        try:
+            learning.release_learner_lock(conn)
+            conn.commit()
+        except Exception as exc:  # the lock goes with the session anyway
+            logger.warning("could not release the learner lock cleanly: %s", exc)
+        finally:
+            conn.close()
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Stop the loader, checkpoint unsaved steps (when ``checkpoint``) and release the lock."""
+        try:
+            if self._loader is not None:
+                self._loader.close()
+                self._loader = None
+            if checkpoint and self._broken is None and self.step > self._last_checkpoint_step:
+                self.checkpoint()
+        finally:
+            self._release_lock()
+
+    # -- training -------------------------------------------------------------------
+
+    def run(
+        self,
+        steps: int,
+        *,
+        stop: threading.Event | None = None,
+        max_seconds: float | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+    ) -> LearnSummary:
+        """Take up to ``steps`` steps, then checkpoint.
+
+        Args:
+            steps: How many steps at most.
+            stop: Ends the run after the step in progress when set.
+            max_seconds: Ends the run after the step that passes this much time.
+            on_step: Called after every step with its :class:`StepReport`.
+
+        Returns:
+            A :class:`LearnSummary`.
+
+        Raises:
+            LearnerError: The learner is not open or broke on an earlier error,
+                or a step failed (the database keeps the last checkpoint).
+        """
+        if self._broken is not None:
+            raise LearnerError(
+                f"the learner stopped on an error and must be reopened: {self._broken}"
+            )
+        if self._loader is None:
+            raise LearnerError("the learner is not open")
+        if steps < 0:
+            raise ValueError(f"steps must be ≥ 0, got {steps}")
+        first = self.step + 1
+        started = time.monotonic()
+        losses: list[float] = []
+        window: list[float] = []
+        stopped = False
+        try:
+            for _ in range(steps):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                if max_seconds is not None and time.monotonic() - started >= max_seconds:
+                    stopped = True
+                    break
+                report = self._one_step(window)
+                losses.append(report.loss)
+                if on_step is not None:
+                    on_step(report)
+            if self.step > self._last_checkpoint_step:
+                self.checkpoint()
+        except BaseException as exc:
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise
+        return LearnSummary(
+            method=self.method,
+            first_step=first,
+            last_step=self.step,
+            mean_loss=float(np.mean(losses)) if losses else float("nan"),
+            seconds=time.monotonic() - started,
+            changed_fraction=self.state.changed_fraction(),
+            measured=len(self.state),
+            model_version_id=self.model_version_id,
+            stopped=stopped,
+        )
+
+    def _one_step(self, window: list[float]) -> StepReport:
+        if self._loader is None:
+            raise LearnerError("the learner is not open")
+        batch = self._loader.get(timeout=600)
+        step = batch.step
+        if step != self.step + 1:
+            raise LearnerError(f"the loader gave step {step}, expected {self.step + 1}")
+        tuples = batch.tuples
+        locations = tuples.location_id.tolist()
+        warm = step > self.config.warmup_steps and self.mixture is not None
+        changed = self.state.changed(locations) if warm else np.zeros(len(locations), dtype=bool)
+        result = self.trainer.train_step(batch, changed=changed)
+        if not np.isfinite(result.loss):
+            raise LearnerError(f"step {step}: the loss is {result.loss}; training diverged")
+        self.step = step
+        rows = np.flatnonzero(np.isfinite(result.ratio))
+        if rows.size:
+            self.state.update(
+                step=step,
+                location_ids=tuples.location_id[rows].tolist(),
+                ratio=result.ratio[rows].tolist(),
+                long_dist=result.long_dist[rows].tolist(),
+                short_dist=result.short_dist[rows].tolist(),
+                query_ids=tuples.query_id[rows].tolist(),
+                positive_ids=[None if p < 0 else p for p in tuples.positive_id[rows].tolist()],
+                longterm_ids=tuples.longterm_id[rows].tolist(),
+            )
+        if step >= self.config.warmup_steps and (
+            self.mixture is None or step % self.config.refit_every == 0
+        ):
+            self.refit()
+        checkpointed = False
+        if step % self.config.checkpoint_every == 0:
+            self.checkpoint()
+            checkpointed = True
+        now = time.monotonic()
+        window.append(now)
+        del window[:-21]
+        rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
+        return StepReport(
+            step=step,
+            loss=result.loss,
+            steps_per_s=rate,
+            changed_fraction=self.state.changed_fraction(),
+            measured=len(self.state),
+            checkpointed=checkpointed,
+        )
+
+    def refit(self) -> ChangeMixture | None:
+        """Refit the change mixture on every current r and reclassify; None if too few ratios."""
+        try:
+            mixture = fit_change_mixture(self.state.ratios(), random_state=self.config.seed)
+        except DegenerateRatiosError as exc:
+            logger.info("step %d: change mixture not refitted: %s", self.step, exc)
+            return None
+        flipped = self.state.reclassify(mixture)
+        self.mixture = mixture
+        logger.info(
+            "step %d: change mixture refitted on %d ratios (threshold %s); %d locations flipped",
+            self.step,
+            mixture.n_samples,
+            "none" if mixture.threshold is None else f"{mixture.threshold:.3f}",
+            flipped,
+        )
+        return mixture
+
+    def checkpoint(self) -> int:
+        """Write a checkpoint and commit it with the pending estimates and events.
+
+        Returns:
+            The new ``model_version`` id.
+
+        Raises:
+            LearnerError: Writing the file or the transaction failed. The
+                database keeps the previous checkpoint; the learner must be reopened.
+        """
+        step = self.step
+        key = ckpt.checkpoint_key(self.method, step)
+        payload = {
+            "method": self.method,
+            "step": step,
+            "trainer": self.trainer.state_dict(),
+            "mixture": _mixture_to_dict(self.mixture),
+            "geo_centroids": None if self.geo_centroids is None else self.geo_centroids.tolist(),
+            "torch_rng": torch.get_rng_state(),
+            "settings": self.config.model_dump(mode="json"),
+            "revisit_version": revisit.__version__,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        try:
+            sha256, size = ckpt.save_checkpoint(self.data_dir, key, payload)
+            estimates, events = self.state.take_pending()
+            metrics = {
+                "sha256": sha256,
+                "size_bytes": size,
+                "changed_fraction": self.state.changed_fraction(),
+                "measured": len(self.state),
+                "mixture": _mixture_to_dict(self.mixture),
+            }
+            with self.engine.begin() as conn:
+                version = learning.insert_model_version(
+                    conn, step=step, method=self.method, checkpoint_key=key, metrics=metrics
+                )
+                learning.write_change_batch(
+                    conn, estimates=estimates, events=events, model_version_id=version
+                )
+            if self.method == "geo-tp":
+                self._assign_clusters()
+        except BaseException as exc:
+            self._broken = f"checkpoint at step {step} failed: {exc}"
+            raise LearnerError(self._broken) from exc
+        self.model_version_id = version
+        self._last_checkpoint_step = step
+        logger.info(
+            "step %d: checkpoint %s committed as model version %d (%d estimates, %d events)",
+            step,
+            key,
+            version,
+            len(estimates),
+            len(events),
+        )
+        self._prune()
+        return version
+
+    def _prune(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                versions = learning.model_versions(conn)
+            keep = [v.checkpoint_key for v in versions if v.checkpoint_key][
+                -self.config.keep_checkpoints :
+            ]
+            removed = ckpt.prune_checkpoints(self.data_dir, keep=keep)
+            if removed:
+                logger.debug("pruned %d checkpoint files", len(removed))
+        except Exception as exc:  # pruning is housekeeping: never fails a run
+            logger.warning("could not prune checkpoints: %s", exc)

@@ -1,0 +1,120 @@
+"""``revisit learn`` as a user runs it, and a kill -9 in the middle of a step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.learner.conftest import LearnWorld
+
+REVISIT = [sys.executable, "-m", "revisit.cli"]
+
+
+def _env(cli_env: dict[str, str], url: str, world: LearnWorld, data_dir: Path) -> dict[str, str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "chips").symlink_to(world.chips)
+    env = dict(cli_env)
+    env.update(
+        {
+            "REVISIT_DATA_DIR": str(data_dir),
+            "REVISIT_DATABASE_URL": url,
+            "REVISIT_LEARNER__BATCH_SIZE": "8",
+            "REVISIT_LEARNER__QUEUE_SIZE": "64",
+            "REVISIT_LEARNER__WARMUP_STEPS": "4",
+            "REVISIT_LEARNER__REFIT_EVERY": "4",
+            "REVISIT_LEARNER__CHECKPOINT_EVERY": "3",
+            "REVISIT_LEARNER__THREADS": "2",
+        }
+    )
+    return env
+
+
+def _learn(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*REVISIT, "learn", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_learn_trains_and_prints_a_summary(
+    cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path
+) -> None:
+    env = _env(cli_env, world_url, learn_world, tmp_path / "var")
+    done = _learn(env, "--steps", "4", "--method", "teco")
+    assert done.returncode == 0, done.stderr
+    assert "teco" in done.stdout and "last step" in done.stdout
+    again = _learn(env, "--steps", "2", "--method", "caco")
+    assert again.returncode == 1
+    assert "--method teco" in again.stderr and "Traceback" not in again.stderr
+    bad = _learn(env, "--steps", "2", "--method", "simclr")
+    assert bad.returncode == 2 and "--method" in bad.stderr
+
+
+def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:
+    with engine.connect() as conn:
+        step = conn.execute(
+            sa.text("SELECT coalesce(max(step), 0) FROM model_version")
+        ).scalar_one()
+        updates = dict(
+            conn.execute(sa.text("SELECT location_id, updates FROM change_estimate")).all()
+        )
+        events = conn.execute(sa.text("SELECT count(*) FROM change_event")).scalar_one()
+    return int(step), {int(k): int(v) for k, v in updates.items()}, int(events)
+
+
+def test_kill_minus_9_mid_run_resumes_from_the_last_checkpoint(
+    cli_env: dict[str, str],
+    world_url: str,
+    world_engine: sa.Engine,
+    learn_world: LearnWorld,
+    tmp_path: Path,
+) -> None:
+    env = _env(cli_env, world_url, learn_world, tmp_path / "var")
+    proc = subprocess.Popen(
+        [*REVISIT, "learn", "--steps", "10000"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            step, _, _ = _state(world_engine)
+            if step >= 6:
+                break
+            assert proc.poll() is None, "the learner exited early"
+            time.sleep(0.2)
+        time.sleep(0.4)  # somewhere inside the next steps
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    step, updates, events = _state(world_engine)
+    assert step >= 6
+    with world_engine.connect() as conn:
+        max_event = conn.execute(sa.text("SELECT max(step) FROM change_event")).scalar_one()
+    assert max_event <= step  # nothing past the last committed checkpoint
+
+    done = _learn(env, "--steps", "4")
+    assert done.returncode == 0, done.stderr
+    step2, updates2, events2 = _state(world_engine)
+    assert step2 == step + 4  # the counter went on from the checkpoint, never back
+    assert events2 >= events
+    assert all(updates2[loc] >= n for loc, n in updates.items())
+    with world_engine.connect() as conn:
+        duplicates = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM (SELECT location_id, step FROM change_event "
+                "GROUP BY 1, 2 HAVING count(*) > 1) d"
+            )
+        ).scalar_one()
+    assert duplicates == 0
+    leftovers = [
+        p for p in (tmp_path / "var" / "checkpoints").rglob("*") if p.name.endswith(".tmp")
+    ]
+    assert leftovers == []

@@ -1,0 +1,211 @@
+"""The online learner on an ingested simulated world, against a real PostGIS.
+
+Every method takes real steps on real chips; change estimates and events land
+in the database with their checkpoint; a restart resumes where the last
+checkpoint committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+
+from revisit.db import learning
+from revisit.errors import LearnerError
+from revisit.ingest.chips import ChipStore
+from revisit.learner.checkpoint import CheckpointError
+from revisit.learner.online import OnlineLearner
+from revisit.learner.trainer import METHODS
+from tests.learner.conftest import learner_settings
+
+
+def _rows(engine: sa.Engine, query: str) -> list[sa.Row[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(query)))
+
+
+def _scalar(engine: sa.Engine, query: str) -> object:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(query)).scalar_one()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_its_loss_falls(
+    method: str, world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    # A queue as long as the batch fills after the first step, so every later
+    # step has the same number of negatives and the losses compare.
+    settings = learner_settings(
+        world_url, tmp_path / "var", lr=0.1, queue_size=8, checkpoint_every=20
+    )
+    losses: list[float] = []
+    with OnlineLearner(
+        settings=settings, engine=world_engine, store=world_store, method=method
+    ) as learner:
+        summary = learner.run(40, on_step=lambda report: losses.append(report.loss))
+    assert summary.steps == 40 and summary.last_step == 40
+    assert all(np.isfinite(losses))
+    early, late = float(np.mean(losses[1:11])), float(np.mean(losses[-10:]))
+    assert late < early, f"{method}: loss did not fall ({early:.3f} -> {late:.3f})"
+    versions = _rows(world_engine, "SELECT step, method FROM model_version ORDER BY step")
+    assert [(v.step, v.method) for v in versions] == [(20, method), (40, method)]
+    assert int(_scalar(world_engine, "SELECT count(*) FROM change_estimate")) > 0  # type: ignore[call-overload]
+
+
+def test_estimates_match_their_events(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(12)
+    assert [r.step for r in _rows(world_engine, "SELECT step FROM model_version ORDER BY id")] == [
+        5,
+        10,
+        12,
+    ]
+    events = _rows(
+        world_engine,
+        "SELECT location_id, step, ratio, ratio_ema, model_version_id, positive_observation_id, "
+        "longterm_observation_id FROM change_event ORDER BY location_id, step",
+    )
+    assert events and max(e.step for e in events) <= 12
+    assert all(e.longterm_observation_id is not None for e in events)
+    estimates = {
+        r.location_id: r
+        for r in _rows(
+            world_engine,
+            "SELECT location_id, ratio_ema, ratio_last, updates, model_version_id "
+            "FROM change_estimate",
+        )
+    }
+    by_location: dict[int, list[sa.Row[tuple[object, ...]]]] = {}
+    for e in events:
+        by_location.setdefault(int(e.location_id), []).append(e)
+    assert set(by_location) == set(estimates)
+    for loc, history in by_location.items():
+        r = None
+        for e in history:  # replay the EMA from the raw R
+            r = e.ratio if r is None else 0.8 * r + 0.2 * e.ratio
+            assert e.ratio_ema == pytest.approx(r)
+        estimate = estimates[loc]
+        assert estimate.updates == len(history)
+        assert estimate.ratio_ema == pytest.approx(r)
+        assert estimate.ratio_last == pytest.approx(history[-1].ratio)
+
+
+def test_restart_resumes_exactly_where_the_checkpoint_left(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(7)  # checkpoints at 5 and, on the way out, 7
+        weights = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
+        mixture = learner.mixture
+        updates = dict(_rows(world_engine, "SELECT location_id, updates FROM change_estimate"))
+    assert mixture is not None  # warm-up is 4 steps
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert learner.step == 7
+        assert learner.mixture == mixture
+        for key, value in learner.trainer.model.state_dict().items():
+            assert torch.equal(value, weights[key]), key
+        summary = learner.run(3)
+    assert (summary.first_step, summary.last_step) == (8, 10)
+    after = dict(_rows(world_engine, "SELECT location_id, updates FROM change_estimate"))
+    assert all(after[loc] >= n for loc, n in updates.items())
+    assert int(_scalar(world_engine, "SELECT max(step) FROM change_event")) <= 10  # type: ignore[call-overload]
+    # Only the newest checkpoints are kept on disk (keep_checkpoints = 3).
+    files = sorted(p.name for p in (tmp_path / "var" / "checkpoints" / "caco").iterdir())
+    assert files == ["step-0000000005.pt", "step-0000000007.pt", "step-0000000010.pt"]
+
+
+def test_a_second_learner_on_the_same_database_is_refused(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store):
+        second = OnlineLearner(settings=settings, engine=world_engine, store=world_store)
+        with pytest.raises(LearnerError, match="another learner"):
+            second.open()
+    # Released on close: a new one opens.
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert learner.step == 0
+
+
+def test_another_method_needs_new_model(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(3)
+    with pytest.raises(LearnerError, match="--method caco"):
+        OnlineLearner(settings=settings, engine=world_engine, store=world_store, method="tp").open()
+    with OnlineLearner(
+        settings=settings, engine=world_engine, store=world_store, method="tp", new_model=True
+    ) as learner:
+        assert learner.step == 3  # the counter goes on
+        summary = learner.run(2)
+    assert summary.last_step == 5
+    latest = _rows(world_engine, "SELECT step, method FROM model_version ORDER BY id DESC LIMIT 1")
+    assert (latest[0].step, latest[0].method) == (5, "tp")
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(2)
+    path = tmp_path / "var" / "checkpoints" / "caco" / "step-0000000002.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its hash"):
+        OnlineLearner(settings=settings, engine=world_engine, store=world_store).open()
+
+
+def test_warm_up_keeps_every_location_unchanged(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var", warmup_steps=100)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(6)
+        assert learner.mixture is None
+    assert int(_scalar(world_engine, "SELECT count(*) FROM change_estimate")) > 0  # type: ignore[call-overload]
+    assert not _scalar(world_engine, "SELECT bool_or(changed) FROM change_estimate")
+
+
+def test_geo_tp_stores_cluster_ids(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var", geo_clusters=3)
+    with OnlineLearner(
+        settings=settings, engine=world_engine, store=world_store, method="geo-tp"
+    ) as learner:
+        learner.run(2)
+    clusters = [r.cluster_id for r in _rows(world_engine, "SELECT cluster_id FROM location")]
+    assert None not in clusters
+    assert set(clusters) == {0, 1, 2}
+
+
+def test_lock_is_released_when_a_step_fails(
+    world_url: str, world_engine: sa.Engine, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    empty = ChipStore(tmp_path / "no-chips")  # every read fails its lookup
+    learner = OnlineLearner(settings=settings, engine=world_engine, store=empty)
+    learner.open()
+    try:
+        with pytest.raises(LearnerError, match="readable query chips"):
+            learner.run(2)
+        with pytest.raises(LearnerError, match="must be reopened"):
+            learner.run(1)
+    finally:
+        learner.close()
+    with world_engine.connect() as conn:
+        assert learning.try_learner_lock(conn)
+        learning.release_learner_lock(conn)
+        assert learning.latest_model_version(conn) is None
