@@ -102,19 +102,49 @@ def main() -> None:
     parser.add_argument("--lead-days", type=int, default=365)
     parser.add_argument("--methods", default="caco,teco,moco")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", action="store_true", help="Keep the temporary directory.")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="Keep the ingested world here and reuse it on the next run with the same world "
+        "arguments (default: a temporary directory, removed at the end).",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A learner setting for every method, e.g. --set recency_mix=0 (repeatable).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     methods = args.methods.split(",")
     if "caco" not in methods:
         methods.insert(0, "caco")
 
-    root = Path(tempfile.mkdtemp(prefix="revisit-bench-quality-"))
+    overrides: dict[str, str] = dict(item.split("=", 1) for item in args.set)
+    world_key = f"{args.locations}-{args.years}-{args.chip_size}-{args.seed}"
+    if args.workdir is not None:
+        root = args.workdir.absolute()
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="revisit-bench-quality-"))
     root.chmod(0o755)
+    reuse = (root / "world.done").is_file() and (root / "world.done").read_text() == world_key
     cluster = EmbeddedPostgres(root / "pg")
     try:
         cluster.acquire()
-        _create_database(cluster, "world", None)
+        if not reuse:
+            with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT datname FROM pg_database WHERE datname <> 'postgres'"
+                    " AND NOT datistemplate"
+                ).fetchall()
+                for (name,) in rows:
+                    conn.execute(
+                        sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+                    )
+            shutil.rmtree(root / "chips", ignore_errors=True)
+            _create_database(cluster, "world", None)
         world_url = cluster.sqlalchemy_url("world")
         engine = sa.create_engine(world_url, poolclass=sa.pool.NullPool)
         upgrade(engine)
@@ -123,21 +153,23 @@ def main() -> None:
             (8.03 + 0.94 * (i % side) / side, 47.03 + 0.94 * (i // side) / side)
             for i in range(args.locations)
         ]
-        with engine.begin() as conn:
-            insert_locations(conn, points, origin="manual", chip_size=args.chip_size)
         store = ChipStore(root / "chips", fsync=False)
-        end = datetime.combine(START, datetime.min.time(), UTC) + timedelta(days=365 * args.years)
-        began = time.perf_counter()
-        summary = IngestPipeline(
-            engine,
-            store,
-            SimulatedSource(seed=args.seed, start=START),
-            settings=IngestSettings(chip_size=args.chip_size),
-        ).run(since=datetime.combine(START, datetime.min.time(), UTC), until=end)
-        print(
-            f"ingested {summary.scenes} scenes, {summary.chips} chips "
-            f"in {time.perf_counter() - began:.0f} s"
-        )
+        if not reuse:
+            with engine.begin() as conn:
+                insert_locations(conn, points, origin="manual", chip_size=args.chip_size)
+            start = datetime.combine(START, datetime.min.time(), UTC)
+            began = time.perf_counter()
+            summary = IngestPipeline(
+                engine,
+                store,
+                SimulatedSource(seed=args.seed, start=START),
+                settings=IngestSettings(chip_size=args.chip_size),
+            ).run(since=start, until=start + timedelta(days=365 * args.years))
+            print(
+                f"ingested {summary.scenes} scenes, {summary.chips} chips "
+                f"in {time.perf_counter() - began:.0f} s"
+            )
+            (root / "world.done").write_text(world_key)
         with engine.connect() as conn:
             truth = {
                 int(loc): event
@@ -150,9 +182,15 @@ def main() -> None:
         lead = START + timedelta(days=args.lead_days)
         scores: dict[str, dict[int, float]] = {}
         for method in methods:
-            _create_database(cluster, f"m_{method.replace('-', '_')}", "world")
-            url = cluster.sqlalchemy_url(f"m_{method.replace('-', '_')}")
+            name = f"m_{method.replace('-', '_')}"
+            with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+            _create_database(cluster, name, "world")
+            url = cluster.sqlalchemy_url(name)
             data_dir = root / f"var-{method}"
+            shutil.rmtree(data_dir, ignore_errors=True)
             data_dir.mkdir()
             (data_dir / "chips").symlink_to(root / "chips")
             settings = load_settings(
@@ -165,6 +203,7 @@ def main() -> None:
                     "refit_every": max(1, args.steps // 20),
                     "checkpoint_every": max(1, args.steps // 4),
                     "seed": args.seed,
+                    **overrides,
                 },
             )
             m_engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -212,7 +251,7 @@ def main() -> None:
         print(f"caco r AUROC: {results['caco r']:.3f}")
     finally:
         cluster.release()
-        if not args.keep:
+        if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 

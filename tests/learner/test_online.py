@@ -209,3 +209,12 @@ def test_lock_is_released_when_a_step_fails(
         assert learning.try_learner_lock(conn)
         learning.release_learner_lock(conn)
         assert learning.latest_model_version(conn) is None
+
+
+def test_an_empty_database_says_what_to_do(engine: sa.Engine, tmp_path: Path) -> None:
+    settings = learner_settings("postgresql://unused/x", tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=engine) as learner:
+        with pytest.raises(LearnerError, match="revisit ingest"):
+            learner.run(1)
+    with engine.connect() as conn:
+        assert learning.latest_model_version(conn) is None
