@@ -115,7 +115,6 @@ class Trainer:
                 geo_classes=settings.geo_clusters if self.method == "geo-tp" else None,
             )
         self.model.train()
-        self.model.key_encoder.eval()
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=effective_lr(settings),
