@@ -203,6 +203,35 @@ class LearnerSettings(_Section):
         return self
 
 
+class ExportSettings(_Section):
+    """ONNX models and change maps (DESIGN §5)."""
+
+    keep_versions: int = Field(
+        default=5, ge=1, le=1000, description="Published ONNX versions kept on disk."
+    )
+    parity_tolerance: float = Field(
+        default=1e-4, gt=0, le=1, description="Largest |ONNX - PyTorch| allowed before publishing."
+    )
+    parity_chips: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Real chips from the database the parity check runs on.",
+    )
+    opset: int = Field(default=18, ge=13, le=23, description="ONNX opset of exported models.")
+    cog_resolution_deg: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cell size of change-map COGs in degrees; None: the median location spacing.",
+    )
+    pair_stride: int = Field(
+        default=16, ge=1, le=1024, description="Pixels between windows of a dense pair change map."
+    )
+    pair_batch: int = Field(
+        default=64, ge=1, le=4096, description="Windows per onnxruntime call in a pair change map."
+    )
+
+
 class Settings(BaseSettings):
     """Everything revisit can be configured with.
 
@@ -236,6 +265,7 @@ class Settings(BaseSettings):
     local: LocalSettings = LocalSettings()
     sentinelhub: SentinelHubSettings = SentinelHubSettings()
     learner: LearnerSettings = LearnerSettings()
+    export: ExportSettings = ExportSettings()
 
     @field_validator("data_dir")
     @classmethod

@@ -81,3 +81,11 @@ class DegenerateRatiosError(LearnerError, ValueError):
 
     The caller stays in (or goes back to) warm-up: no location is treated as changed.
     """
+
+
+class ExportError(RevisitError):
+    """An export (an ONNX model, a change map) could not be made or published."""
+
+
+class ParityError(ExportError, ValueError):
+    """An exported model disagrees with PyTorch by more than the tolerance."""
