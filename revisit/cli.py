@@ -48,6 +48,8 @@ chips_app = typer.Typer(help="The chip store: pixels on disk, named by their sha
 app.add_typer(chips_app, name="chips")
 query_app = typer.Typer(help="Ask where things changed, without writing SQL.")
 app.add_typer(query_app, name="query")
+export_app = typer.Typer(help="Publish the encoder as ONNX and the change estimates as maps.")
+app.add_typer(export_app, name="export")
 
 stdout = Console(soft_wrap=True)
 
@@ -515,6 +517,53 @@ def chips_verify(ctx: typer.Context) -> None:
     stdout.print(f"checked {checked} chips: {len(bad)} missing or corrupt")
     if bad:
         raise typer.Exit(EXIT_ERROR)
+
+
+# -- export -------------------------------------------------------------------------------
+
+
+@export_app.command("changemap")
+def export_changemap(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="The file to write.")],
+    bbox: Annotated[
+        str | None, typer.Option(help="minlon,minlat,maxlon,maxlat in degrees.")
+    ] = None,
+    aoi: Annotated[str | None, typer.Option(help="The locations of this AOI.")] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--format", help="geojson (RFC 7946), cog (Cloud-Optimized GeoTIFF of r) or png."
+        ),
+    ] = "geojson",
+) -> None:
+    """Write the change estimates of a bbox or an AOI as GeoJSON, a COG or a PNG quicklook."""
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+    from revisit.export.changemap import FORMATS, export_change_map
+    from revisit.ingest.areas import parse_bbox
+
+    if (bbox is None) == (aoi is None):
+        raise typer.BadParameter("give exactly one of --bbox or --aoi")
+    if output not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, not {output!r}")
+    box = None
+    if bbox is not None:
+        try:
+            bounds = parse_bbox(bbox).bounds
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        box = (bounds[0], bounds[1], bounds[2], bounds[3])
+    settings = _settings(ctx)
+    with Database(settings) as db:
+        upgrade(db.engine)
+        exported = export_change_map(
+            engine=db.engine, settings=settings, fmt=output, out=out, bbox=box, aoi=aoi
+        )
+    stdout.print(
+        f"wrote {exported.path} ({exported.kind}, {exported.size_bytes} bytes, "
+        f"sha256 {exported.sha256[:12]}…), artifact {exported.artifact_id}"
+    )
 
 
 # -- query ------------------------------------------------------------------------------

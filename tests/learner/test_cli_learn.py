@@ -53,6 +53,17 @@ def test_learn_trains_and_prints_a_summary(
     assert "--method teco" in again.stderr and "Traceback" not in again.stderr
     bad = _learn(env, "--steps", "2", "--method", "simclr")
     assert bad.returncode == 2 and "--method" in bad.stderr
+    # What it learned goes out as a map.
+    out = tmp_path / "map.geojson"
+    exported = subprocess.run(
+        [*REVISIT, "export", "changemap", "--bbox", "2,48,3,49", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert '"FeatureCollection"' in out.read_text()
 
 
 def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:

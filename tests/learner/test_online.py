@@ -213,8 +213,10 @@ def test_lock_is_released_when_a_step_fails(
 
 def test_an_empty_database_says_what_to_do(engine: sa.Engine, tmp_path: Path) -> None:
     settings = learner_settings("postgresql://unused/x", tmp_path / "var")
-    with OnlineLearner(settings=settings, engine=engine) as learner:
-        with pytest.raises(LearnerError, match="revisit ingest"):
-            learner.run(1)
+    with (
+        OnlineLearner(settings=settings, engine=engine) as learner,
+        pytest.raises(LearnerError, match="revisit ingest"),
+    ):
+        learner.run(1)
     with engine.connect() as conn:
         assert learning.latest_model_version(conn) is None
