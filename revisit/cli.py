@@ -522,6 +522,36 @@ def chips_verify(ctx: typer.Context) -> None:
 # -- export -------------------------------------------------------------------------------
 
 
+@export_app.command("onnx")
+def export_onnx(
+    ctx: typer.Context,
+    model_version: Annotated[
+        int | None, typer.Option(help="The model_version id to publish (default: the newest).")
+    ] = None,
+) -> None:
+    """Publish a checkpoint as two ONNX models (features, embedding) after a parity check."""
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+    from revisit.export.publish import publish_onnx
+
+    settings = _settings(ctx)
+    with Database(settings) as db:
+        upgrade(db.engine)
+        published = publish_onnx(
+            engine=db.engine, settings=settings, model_version_id=model_version
+        )
+    what = "already published" if published.reused else "published"
+    stdout.print(
+        f"{what} {published.version} ({published.method}, step {published.step}, "
+        f"model version {published.model_version_id})"
+    )
+    for output, path in published.paths.items():
+        stdout.print(
+            f"  {output}: {path}  sha256 {published.sha256s[output][:12]}…  "
+            f"parity max |onnx - torch| = {published.max_abs_diff[output]:.2e}"
+        )
+
+
 @export_app.command("changemap")
 def export_changemap(
     ctx: typer.Context,

@@ -166,14 +166,24 @@ def flip_rotate(
         u = torch.rand(n, generator=generator, device=generator.device)
         return u.to(x.device).view(n, 1, 1, 1)
 
-    x = torch.where(draw() < hflip_p, x.flip(-1), x)
-    x = torch.where(draw() < vflip_p, x.flip(-2), x)
-    if rotate:
-        k = (draw() * 4).floor().clamp(max=3)
-        rotated = x
-        for quarter in (1, 2, 3):
-            rotated = torch.where(k == quarter, torch.rot90(x, quarter, dims=(-2, -1)), rotated)
-        x = rotated
+    hflip = draw() < hflip_p
+    vflip = draw() < vflip_p
+    k = (draw() * 4).floor().clamp(max=3) if rotate else torch.zeros_like(hflip, dtype=x.dtype)
+    # One symmetry per image: transform each group of images that share one, not
+    # every image every way (a 64-image batch copies once instead of five times).
+    code = (hflip.long() + 2 * vflip.long() + 4 * k.long()).view(n)
+    out = torch.empty_like(x)
+    for symmetry in torch.unique(code).tolist():
+        rows = torch.nonzero(code == symmetry).view(-1)
+        group = x.index_select(0, rows)
+        if symmetry & 1:
+            group = group.flip(-1)
+        if symmetry & 2:
+            group = group.flip(-2)
+        if symmetry >> 2:
+            group = torch.rot90(group, symmetry >> 2, dims=(-2, -1))
+        out.index_copy_(0, rows, group)
+    x = out
     return x
 
 
@@ -267,15 +277,18 @@ def gaussian_blur(
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets / sigmas) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    impulse = (offsets == 0).to(x.dtype).expand_as(kernel)
-    kernel = torch.where(apply, kernel, impulse)  # (N, 2r+1)
+    rows = torch.nonzero(apply.view(n)).view(-1)
+    if rows.numel() == 0:
+        return x
+    # Only the images drawn for a blur are convolved; the others come back as they are.
+    m = rows.numel()
     # One group per (image, band): the same kernel for every band of an image.
-    weight = kernel.repeat_interleave(c, dim=0).view(n * c, 1, 1, 2 * radius + 1)
-    flat = x.reshape(1, n * c, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight, groups=n * c)
-    weight_v = weight.view(n * c, 1, 2 * radius + 1, 1)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight_v, groups=n * c)
-    return flat.view(n, c, h, w)
+    weight = kernel[rows].repeat_interleave(c, dim=0).view(m * c, 1, 1, 2 * radius + 1)
+    flat = x.index_select(0, rows).reshape(1, m * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight, groups=m * c)
+    weight_v = weight.view(m * c, 1, 2 * radius + 1, 1)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight_v, groups=m * c)
+    return x.index_copy(0, rows, flat.view(m, c, h, w))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -309,6 +309,7 @@ class OnlineLearner:
             refresh_every=c.refresh_every,
             prefetch=c.prefetch,
             clusters=self.clusters,
+            cache_bytes=c.chip_cache_mb * 2**20,
         )
         self._loader.start()
 

@@ -64,6 +64,13 @@ def test_learn_trains_and_prints_a_summary(
     )
     assert exported.returncode == 0, exported.stderr
     assert '"FeatureCollection"' in out.read_text()
+    # And the encoder as ONNX, with its manifest.
+    published = subprocess.run(
+        [*REVISIT, "export", "onnx"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert published.returncode == 0, published.stderr
+    assert "parity" in published.stdout
+    assert (tmp_path / "var" / "exports" / "onnx" / "latest.json").is_file()
 
 
 def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from revisit.db.learning import ObservationTable
-from revisit.errors import LearnerError
+from revisit.errors import ChipStoreError, LearnerError
+from revisit.ingest.chips import ChipStore
+from revisit.learner.loader import ChipCache
 from revisit.learner.mining import DAY_S, MiningPolicy, ObservationIndex, doy_distance
 
 T0 = datetime(2023, 1, 1, tzinfo=UTC).timestamp()
@@ -149,3 +152,19 @@ def test_same_seed_same_batch() -> None:
     b = index.sample(np.random.default_rng(42), batch_size=5, policy=MiningPolicy())
     assert a.query_id.tolist() == b.query_id.tolist()
     assert a.longterm_id.tolist() == b.longterm_id.tolist()
+
+
+def test_chip_cache_reads_once_and_keeps_to_its_budget(tmp_path: Path) -> None:
+    store = ChipStore(tmp_path / "chips", fsync=False)
+    chips = [np.full((12, 8, 8), i, dtype=np.uint16) for i in range(4)]
+    stored = [store.put(c) for c in chips]
+    cache = ChipCache(max_bytes=2 * chips[0].nbytes)
+    for s in (*stored, *stored[-2:]):
+        cache.get(store, s.key, s.sha256)
+    assert (cache.misses, cache.hits) == (4, 2)
+    assert cache.bytes == 2 * chips[0].nbytes
+    for s in (stored[0], stored[3]):
+        (tmp_path / "chips" / s.key).write_bytes(b"damaged")
+    assert int(cache.get(store, stored[3].key, stored[3].sha256)[0, 0, 0]) == 3  # cached
+    with pytest.raises(ChipStoreError, match="fails its hash"):
+        cache.get(store, stored[0].key, stored[0].sha256)  # evicted: read and checked again

@@ -1,0 +1,410 @@
+"""The encoder as ONNX: two inference modules, their export, their contract, a parity check.
+
+Two modules are cut from a :class:`~revisit.learner.heads.ContrastiveModel`:
+
+- :class:`FeatureModel`: the **query** encoder, giving 512-d pooled features.
+  In MoCo-style training the query encoder is the network that learns by
+  gradient; it is the one to fine-tune or to compare features with (the dense
+  pair change map slides it over two dates).
+- :class:`EmbeddingModel`: the **key** (momentum) encoder and **key head 0**,
+  L2-normalised (128-d by default). The learner measures the change ratio R on
+  exactly these embeddings (DESIGN §4: "with the key encoder and L2-normalised
+  128-d embeddings f"), so a consumer that computes R from this model computes
+  the R the database holds, up to the BatchNorm mode (exported models run in
+  eval mode: running statistics, not the statistics of one training batch).
+
+Both take float32 reflectance, shape (N, 12, H, W), bands in
+:data:`~revisit.types.CANONICAL_BANDS` order, ``DN * 1e-4``: the consumer
+scales. The batch *and* the spatial sizes are dynamic (the encoder ends in a
+global average pool and has no data-dependent control flow); 32 pixels is the
+smallest side the network is meant for (total stride 32).
+
+The contract travels inside the file as ONNX ``metadata_props``
+(:data:`METADATA_KEYS`; all values are strings), read back by
+:func:`read_metadata`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+import revisit
+from revisit.errors import ExportError, ParityError
+from revisit.learner.heads import ContrastiveModel, ProjectionHead, l2_normalize
+from revisit.types import CANONICAL_BANDS, DN_SCALE
+
+__all__ = [
+    "INPUT_NAME",
+    "METADATA_KEYS",
+    "MIN_SIZE",
+    "EmbeddingModel",
+    "FeatureModel",
+    "Output",
+    "export_model",
+    "model_metadata",
+    "parity_check",
+    "read_metadata",
+]
+
+logger = logging.getLogger(__name__)
+
+Output = Literal["features", "embedding"]
+
+#: Name of the one input of every exported model.
+INPUT_NAME = "reflectance"
+#: Layout of the input.
+INPUT_LAYOUT = "NCHW"
+#: Smallest chip side the encoder is meant for (its total stride).
+MIN_SIZE = 32
+#: Upper bounds given to the exporter for the dynamic dimensions.
+_MAX_BATCH = 1 << 16
+_MAX_SIDE = 1 << 15
+
+#: Every metadata property an exported model carries.
+METADATA_KEYS: tuple[str, ...] = (
+    "format",  # "revisit-onnx/1"
+    "output",  # "features" or "embedding": also the name of the graph's output
+    "output_dim",  # 512 for features, proj_dim for the embedding
+    "encoder",  # "query" or "key"
+    "head",  # "0" for the embedding, "" for features
+    "normalized",  # "l2" or "none"
+    "input_name",  # "reflectance"
+    "input_layout",  # "NCHW"
+    "input_dtype",  # "float32"
+    "dynamic_dims",  # "batch,height,width"
+    "min_size",  # "32"
+    "bands",  # "B01,B02,...,B12"
+    "scale",  # "0.0001": input = DN * scale
+    "patch_size",  # the chip side the model was trained on
+    "method",
+    "step",
+    "model_version",  # the model_version row id
+    "version",  # the published version name, or "" when not published
+    "checkpoint_sha256",
+    "created_at",  # ISO 8601, UTC
+    "revisit_version",
+    "opset",
+)
+
+
+class FeatureModel(nn.Module):
+    """The query encoder of a contrastive model: reflectance to 512-d features.
+
+    The encoder is copied, so the model it came from keeps training (and its
+    train/eval mode) untouched. The copy is in eval mode with gradients off.
+
+    Args:
+        model: The trained model.
+    """
+
+    output: Output = "features"
+
+    def __init__(self, model: ContrastiveModel) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(model.encoder)
+        self.output_dim = int(self.encoder.feature_dim)
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, reflectance: Tensor) -> Tensor:
+        """Encode chips.
+
+        Args:
+            reflectance: (N, 12, H, W) float32, DN * 1e-4.
+
+        Returns:
+            (N, 512) features.
+        """
+        out: Tensor = self.encoder(reflectance)
+        return out
+
+
+class EmbeddingModel(nn.Module):
+    """Key encoder and key head 0, L2-normalised: the embedding the change ratio R is measured on.
+
+    Args:
+        model: The trained model; its key encoder and first key head are copied.
+    """
+
+    output: Output = "embedding"
+
+    def __init__(self, model: ContrastiveModel) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(model.key_encoder)
+        head = model.key_heads[0]
+        if not isinstance(head, ProjectionHead):  # nn.ModuleList is untyped
+            raise TypeError(f"key head 0 is a {type(head).__name__}, not a ProjectionHead")
+        self.head = copy.deepcopy(head)
+        last = self.head.net[-1]
+        if not isinstance(last, nn.Linear):
+            raise TypeError(f"key head 0 ends in a {type(last).__name__}, not a Linear")
+        self.output_dim = int(last.out_features)
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, reflectance: Tensor) -> Tensor:
+        """Embed chips.
+
+        Args:
+            reflectance: (N, 12, H, W) float32, DN * 1e-4.
+
+        Returns:
+            (N, proj_dim) unit vectors.
+        """
+        return l2_normalize(self.head(self.encoder(reflectance)))
+
+
+def model_metadata(
+    module: FeatureModel | EmbeddingModel,
+    *,
+    method: str,
+    step: int,
+    model_version: int | None,
+    patch_size: int,
+    opset: int,
+    version: str = "",
+    checkpoint_sha256: str = "",
+    created_at: datetime | None = None,
+) -> dict[str, str]:
+    """The metadata properties of an exported module (every key of :data:`METADATA_KEYS`).
+
+    Args:
+        module: What is exported.
+        method: The learning method that trained it.
+        step: The learner step of its checkpoint.
+        model_version: Its ``model_version`` row id, if it has one.
+        patch_size: The chip side it was trained on.
+        opset: The ONNX opset it is exported with.
+        version: The published version name, if any.
+        checkpoint_sha256: The hash of its checkpoint file, if known.
+        created_at: When it was exported; now by default.
+
+    Returns:
+        Strings by key.
+    """
+    is_embedding = isinstance(module, EmbeddingModel)
+    stamp = (created_at or datetime.now(UTC)).astimezone(UTC)
+    return {
+        "format": "revisit-onnx/1",
+        "output": module.output,
+        "output_dim": str(module.output_dim),
+        "encoder": "key" if is_embedding else "query",
+        "head": "0" if is_embedding else "",
+        "normalized": "l2" if is_embedding else "none",
+        "input_name": INPUT_NAME,
+        "input_layout": INPUT_LAYOUT,
+        "input_dtype": "float32",
+        "dynamic_dims": "batch,height,width",
+        "min_size": str(MIN_SIZE),
+        "bands": ",".join(CANONICAL_BANDS),
+        "scale": repr(DN_SCALE),
+        "patch_size": str(int(patch_size)),
+        "method": method,
+        "step": str(int(step)),
+        "model_version": "" if model_version is None else str(int(model_version)),
+        "version": version,
+        "checkpoint_sha256": checkpoint_sha256,
+        "created_at": stamp.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "revisit_version": revisit.__version__,
+        "opset": str(int(opset)),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hush what the exporter says on every call that is no news to an operator.
+
+    It logs a warning per torchvision operator it cannot register (revisit does
+    not use torchvision) and emits deprecation warnings of torch internals.
+    """
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def export_model(
+    module: FeatureModel | EmbeddingModel,
+    path: Path,
+    *,
+    metadata: Mapping[str, str],
+    opset: int = 18,
+    patch_size: int = 64,
+) -> None:
+    """Export a module to ONNX with dynamic batch and spatial sizes, checked, with its metadata.
+
+    The export traces with ``torch.onnx.export(..., dynamo=True)`` on a batch of 2
+    (a batch of 1 would be specialised), lets the exporter's optimiser fold the
+    BatchNorms, checks the model with ``onnx.checker`` (full check, with shape
+    inference) and writes it to a temporary name that is fsynced and renamed
+    onto ``path``.
+
+    Args:
+        module: A :class:`FeatureModel` or :class:`EmbeddingModel` (in eval mode).
+        path: Where the ``.onnx`` file goes; its directory must exist.
+        metadata: String properties to store (see :func:`model_metadata`).
+        opset: The ONNX opset.
+        patch_size: The spatial size of the example input.
+
+    Raises:
+        ExportError: The exporter or the checker failed, or the file could not be
+            written (no file is left under ``path`` then).
+    """
+    module.eval()
+    example = torch.rand(2, len(CANONICAL_BANDS), patch_size, patch_size) * 0.3
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    height = torch.export.Dim("height", min=MIN_SIZE, max=_MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIZE, max=_MAX_SIDE)
+    started = time.perf_counter()
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[module.output],
+                dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
+                opset_version=opset,
+                verbose=False,
+            )
+        if program is None:
+            raise ExportError(f"torch.onnx.export returned no program for {path.name}")
+        proto = program.model_proto
+        del proto.metadata_props[:]
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key = key
+            entry.value = str(value)
+        proto.doc_string = (
+            f"revisit {module.output} model: input {INPUT_NAME} float32 {INPUT_LAYOUT}"
+            f" (N, {len(CANONICAL_BANDS)}, H, W) = DN * {DN_SCALE!r}"
+        )
+        onnx.checker.check_model(proto, full_check=True)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter and the checker raise many kinds
+        raise ExportError(f"could not export {module.output} model to {path.name}: {exc}") from exc
+    _save_atomically(proto, path)
+    logger.info(
+        "exported %s model %s (opset %d) in %.1f s",
+        module.output,
+        path.name,
+        opset,
+        time.perf_counter() - started,
+    )
+
+
+def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ExportError(f"could not write {path}: {exc}") from exc
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata properties of an ONNX file.
+
+    Args:
+        path: The ``.onnx`` file.
+
+    Returns:
+        Strings by key (empty for a model without metadata).
+
+    Raises:
+        ExportError: The file is missing or not an ONNX model.
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, OSError
+        raise ExportError(f"cannot read ONNX model {path}: {exc}") from exc
+    return {entry.key: entry.value for entry in proto.metadata_props}
+
+
+def parity_check(
+    onnx_path: Path,
+    module: nn.Module,
+    chips_dn: npt.NDArray[np.uint16],
+    *,
+    tolerance: float = 1e-4,
+) -> float:
+    """Compare an exported model under onnxruntime with its PyTorch module.
+
+    Both see the same chips scaled to reflectance (``DN * 1e-4``, float32), as
+    one batch; onnxruntime runs on the CPU execution provider.
+
+    Args:
+        onnx_path: The exported model.
+        module: The module it was exported from (put in eval mode).
+        chips_dn: (N, 12, H, W) uint16 digital numbers, N ≥ 1.
+        tolerance: Largest max-abs difference allowed.
+
+    Returns:
+        The largest absolute difference between the two outputs.
+
+    Raises:
+        ParityError: The difference exceeds ``tolerance`` (or is not finite);
+            the message names the model and gives the figure.
+        ExportError: The model cannot be loaded or run.
+        ValueError: ``chips_dn`` is not a 4-d uint16 array.
+    """
+    if chips_dn.dtype != np.uint16 or chips_dn.ndim != 4:
+        raise ValueError(
+            f"chips_dn must be (N, bands, H, W) uint16, got {chips_dn.dtype} {chips_dn.shape}"
+        )
+    reflectance = chips_dn.astype(np.float32) * np.float32(DN_SCALE)
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: reflectance})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"onnxruntime cannot run {onnx_path.name}: {exc}") from exc
+    module.eval()
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(reflectance)).numpy()
+    if got.shape != expected.shape:
+        raise ParityError(
+            f"{onnx_path.name}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}"
+        )
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+    if not diff <= tolerance:  # NaN fails too
+        raise ParityError(
+            f"{onnx_path.name} differs from PyTorch by {diff:.3g} (max abs) on"
+            f" {chips_dn.shape[0]} chips; tolerance {tolerance:g}"
+        )
+    logger.info(
+        "parity of %s: max abs difference %.3g on %d chips (tolerance %g)",
+        onnx_path.name,
+        diff,
+        chips_dn.shape[0],
+        tolerance,
+    )
+    return diff
