@@ -50,6 +50,8 @@ query_app = typer.Typer(help="Ask where things changed, without writing SQL.")
 app.add_typer(query_app, name="query")
 export_app = typer.Typer(help="Publish the encoder as ONNX and the change estimates as maps.")
 app.add_typer(export_app, name="export")
+changemap_app = typer.Typer(help="Dense change maps from imagery, with an exported model.")
+app.add_typer(changemap_app, name="changemap")
 
 stdout = Console(soft_wrap=True)
 
@@ -550,6 +552,53 @@ def export_onnx(
             f"  {output}: {path}  sha256 {published.sha256s[output][:12]}…  "
             f"parity max |onnx - torch| = {published.max_abs_diff[output]:.2e}"
         )
+
+
+@changemap_app.command("pair")
+def changemap_pair(
+    ctx: typer.Context,
+    before: Annotated[Path, typer.Argument(help="The older image: OSCD folder, SAFE, GeoTIFF.")],
+    after: Annotated[Path, typer.Argument(help="The newer image, any format the first takes.")],
+    out: Annotated[Path, typer.Option(help="The float32 COG to write (BEFORE's grid).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="An embedding ONNX model (default: the latest published one)."),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(min=1, help="Pixels between windows (default: export.pair_stride)."),
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(min=1, help="Window side (default: the model's patch_size).")
+    ] = None,
+) -> None:
+    """Map how far the encoder's features moved between two images, pixel by pixel (onnxruntime)."""
+    from revisit.errors import ExportError
+    from revisit.export.pairmap import pair_change_map
+    from revisit.export.publish import export_dir, read_manifest
+
+    settings = _settings(ctx)
+    if model is None:
+        manifest = read_manifest(settings.data_dir)
+        if manifest is None:
+            raise ExportError(
+                f"no published model under {export_dir(settings.data_dir)}: run "
+                "`revisit export onnx` first, or pass --model FILE.onnx"
+            )
+        model = export_dir(settings.data_dir) / manifest["files"]["embedding"]
+    result = pair_change_map(
+        before,
+        after,
+        model=model,
+        out=out,
+        stride=stride or settings.export.pair_stride,
+        window=window,
+        batch=settings.export.pair_batch,
+    )
+    stdout.print(
+        f"wrote {result.path} ({result.width} x {result.height} px, {result.windows} windows, "
+        f"{result.pixels_per_s:,.0f} px/s)"
+    )
 
 
 @export_app.command("changemap")

@@ -1,10 +1,14 @@
-"""From mined tuples to training tensors, prepared on a thread ahead of the step.
+"""From mined tuples to training tensors, read on a thread ahead of the step.
 
-:func:`prepare_batch` reads a tuple batch's chips from the chip store (each
-checked against its hash) and builds the views the method needs.
-:class:`BatchLoader` runs mining and preparation for the coming steps on a
-background thread, ``prefetch`` batches ahead, so reading files and augmenting
-overlap the forward and backward passes instead of adding to them.
+:func:`read_batch` reads a tuple batch's chips from the chip store (each
+checked against its hash, and kept in a :class:`ChipCache`);
+:func:`assemble_batch` scales them and builds the views the method needs.
+:class:`BatchLoader` runs mining and reading for the coming steps on a
+background thread, ``prefetch`` batches ahead, so database and file reads
+overlap the forward and backward passes instead of adding to them. The tensor
+work (scaling, augmentation) runs in the training thread when it takes the
+batch: torch operations on a second thread would share, and oversubscribe,
+the intra-op thread pool the step itself runs on.
 
 Every step's randomness comes from ``(seed, step)`` alone, not from a stream
 shared across steps, so a batch prepared ahead and thrown away at shutdown
@@ -63,6 +67,17 @@ class TrainBatch:
     query_view: Tensor
     seco_views: tuple[Tensor, Tensor, Tensor] | None
     cluster_id: Tensor | None
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """A batch's chips as read, before any tensor work: (B, C, H, W) uint16 DN each."""
+
+    step: int
+    tuples: TupleBatch
+    query: np.ndarray
+    positive: np.ndarray
+    longterm: np.ndarray
 
 
 def step_seeds(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -130,19 +145,15 @@ def _read(
     return out
 
 
-def prepare_batch(
+def read_batch(
     *,
     step: int,
     tuples: TupleBatch,
     index: ObservationIndex,
     store: ChipStore,
-    augment: Augment,
-    generator: torch.Generator,
-    method: str,
-    clusters: Mapping[int, int] | None = None,
     cache: ChipCache | None = None,
-) -> TrainBatch:
-    """Read a batch's chips and build the method's views.
+) -> RawBatch:
+    """Read a batch's chips (each checked against its hash).
 
     Rows whose q fails to read are dropped; a k+ or k_lt that fails to read is
     treated as absent (second view of q; no change update).
@@ -180,16 +191,39 @@ def prepare_batch(
         raise LearnerError(f"step {step}: chips of different shapes in one batch: {sorted(shapes)}")
     shape = shapes.pop()
 
-    def stack(ids: np.ndarray) -> Tensor:
+    def stack(ids: np.ndarray) -> np.ndarray:
         arr = np.zeros((len(ids), *shape), dtype=np.uint16)
         for i, obs_id in enumerate(ids.tolist()):
             if obs_id >= 0:
                 arr[i] = chips[obs_id]
+        return arr
+
+    return RawBatch(
+        step=step,
+        tuples=kept,
+        query=stack(kept.query_id),
+        positive=stack(kept.positive_id),
+        longterm=stack(kept.longterm_id),
+    )
+
+
+def assemble_batch(
+    raw: RawBatch,
+    *,
+    augment: Augment,
+    generator: torch.Generator,
+    method: str,
+    clusters: Mapping[int, int] | None = None,
+) -> TrainBatch:
+    """Scale a batch's chips and build the method's (augmented) views."""
+    kept = raw.tuples
+
+    def tensor(arr: np.ndarray) -> Tensor:
         return scale_dn(torch.from_numpy(arr.astype(np.int32)))
 
-    x_query = stack(kept.query_id)
-    x_positive = stack(kept.positive_id)
-    x_longterm = stack(kept.longterm_id)
+    x_query = tensor(raw.query)
+    x_positive = tensor(raw.positive)
+    x_longterm = tensor(raw.longterm)
     longterm_valid = torch.from_numpy(kept.longterm_id >= 0)
     fallback = torch.from_numpy(kept.positive_id < 0)
     if bool(fallback.any()):
@@ -212,7 +246,7 @@ def prepare_batch(
             [clusters.get(int(loc), 0) for loc in kept.location_id], dtype=torch.long
         )
     return TrainBatch(
-        step=step,
+        step=raw.step,
         tuples=kept,
         x_query=x_query,
         x_positive=x_positive,
@@ -221,6 +255,25 @@ def prepare_batch(
         query_view=query_view,
         seco_views=seco_views,
         cluster_id=cluster_id,
+    )
+
+
+def prepare_batch(
+    *,
+    step: int,
+    tuples: TupleBatch,
+    index: ObservationIndex,
+    store: ChipStore,
+    augment: Augment,
+    generator: torch.Generator,
+    method: str,
+    clusters: Mapping[int, int] | None = None,
+    cache: ChipCache | None = None,
+) -> TrainBatch:
+    """:func:`read_batch` then :func:`assemble_batch`, in the calling thread."""
+    raw = read_batch(step=step, tuples=tuples, index=index, store=store, cache=cache)
+    return assemble_batch(
+        raw, augment=augment, generator=generator, method=method, clusters=clusters
     )
 
 
@@ -274,7 +327,7 @@ class BatchLoader:
         self._refresh_every = refresh_every
         self._clusters = clusters
         self.index = ObservationIndex()
-        self._queue: queue.Queue[TrainBatch | BaseException] = queue.Queue(maxsize=prefetch)
+        self._queue: queue.Queue[RawBatch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="revisit-batch-loader", daemon=True)
         self._since_refresh = refresh_every
@@ -294,18 +347,10 @@ class BatchLoader:
                         logger.info("learner sees %d new observations", added)
                     self._since_refresh = 0
                 step = self._next_step
-                rng, gen = step_seeds(self._seed, step)
+                rng, _ = step_seeds(self._seed, step)
                 tuples = self.index.sample(rng, batch_size=self._batch_size, policy=self._policy)
-                batch = prepare_batch(
-                    step=step,
-                    tuples=tuples,
-                    index=self.index,
-                    store=self._store,
-                    augment=self._augment,
-                    generator=gen,
-                    method=self._method,
-                    clusters=self._clusters,
-                    cache=self.cache,
+                batch = read_batch(
+                    step=step, tuples=tuples, index=self.index, store=self._store, cache=self.cache
                 )
                 self._next_step += 1
                 self._since_refresh += 1
@@ -332,7 +377,10 @@ class BatchLoader:
             if isinstance(item, LearnerError):
                 raise item
             raise LearnerError(f"preparing a training batch failed: {item}") from item
-        return item
+        _, gen = step_seeds(self._seed, item.step)
+        return assemble_batch(
+            item, augment=self._augment, generator=gen, method=self._method, clusters=self._clusters
+        )
 
     def close(self) -> None:
         """Stop the thread (it finishes the batch in hand) and drop what was prepared."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from tests.conftest import SHARED_DATA
 from tests.learner.conftest import LearnWorld
 
 REVISIT = [sys.executable, "-m", "revisit.cli"]
@@ -71,6 +72,19 @@ def test_learn_trains_and_prints_a_summary(
     assert published.returncode == 0, published.stderr
     assert "parity" in published.stdout
     assert (tmp_path / "var" / "exports" / "onnx" / "latest.json").is_file()
+    # The published model maps a real image pair, when the shared data is here.
+    bercy = SHARED_DATA / "oscd" / "images" / "bercy"
+    if bercy.is_dir():
+        args = ["pair", str(bercy / "imgs_1"), str(bercy / "imgs_2"), "--stride", "32"]
+        pair = subprocess.run(
+            [*REVISIT, "changemap", *args, "--out", str(tmp_path / "bercy.tif")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert pair.returncode == 0, pair.stderr
+        assert (tmp_path / "bercy.tif").stat().st_size > 0
 
 
 def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:

@@ -1,0 +1,205 @@
+"""The dense change map of a pair of images (revisit.export.pairmap)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from rio_cogeo.cogeo import cog_validate
+
+from revisit.errors import ExportError
+from revisit.export.onnx import EmbeddingModel, export_model, model_metadata
+from revisit.export.pairmap import (
+    cva_map,
+    pair_change_map,
+    read_canonical,
+    reproject_onto,
+)
+from revisit.learner.heads import ContrastiveModel
+from revisit.types import CANONICAL_BANDS
+from tests.conftest import SHARED_DATA
+
+SIZE = 96
+PIXEL = 10.0
+X0, Y0 = 500_000.0, 5_000_000.0
+#: The planted change, rows/cols of BEFORE's grid.
+SQUARE = slice(36, 68)
+OSCD_CITY = SHARED_DATA / "oscd" / "images" / "bercy"
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised encoder exported to ONNX (patch size 32)."""
+    torch.manual_seed(0)
+    module = EmbeddingModel(ContrastiveModel(queue_size=8))
+    path = tmp_path_factory.mktemp("pairmap-model") / "random.onnx"
+    metadata = model_metadata(
+        module, method="random", step=0, model_version=None, patch_size=32, opset=18
+    )
+    export_model(module, path, metadata=metadata, opset=18, patch_size=32)
+    return path
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int]) -> npt.NDArray[np.float64]:
+    """Smooth-ish noise in [0, 1]: random 8x8-pixel blocks plus fine noise."""
+    coarse = rng.random((shape[0] // 8 + 1, shape[1] // 8 + 1))
+    blocks = np.kron(coarse, np.ones((8, 8)))[: shape[0], : shape[1]]
+    return 0.7 * blocks + 0.3 * rng.random(shape)
+
+
+def _write(path: Path, data: npt.NDArray[np.float64], transform: Affine, offset: int = 0) -> Path:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=len(CANONICAL_BANDS),
+        dtype="uint16",
+        crs="EPSG:32631",
+        transform=transform,
+        nodata=0,
+    ) as ds:
+        ds.write(np.clip(np.rint(data), 1, 65535).astype(np.uint16))
+        for i, band in enumerate(CANONICAL_BANDS, 1):
+            ds.set_band_description(i, band)
+        tags = {"ACQUISITIONDATE": "2024-06-01T10:00:00Z"}
+        if offset:
+            tags["BOA_ADD_OFFSET"] = str(offset)
+        ds.update_tags(**tags)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """BEFORE on a 96x96 10 m UTM grid; AFTER on a grid one pixel right and down, with a
+    32x32 square of BEFORE's grid changed to a different surface."""
+    rng = np.random.default_rng(7)
+    world = SIZE + 2
+    spectrum = np.linspace(800, 3000, len(CANONICAL_BANDS))
+    base = spectrum[:, None, None] * (0.6 + 0.8 * _texture(rng, (world, world)))[None]
+    changed = base.copy()
+    roof = np.linspace(4000, 600, len(CANONICAL_BANDS))  # bright visible, dark infrared
+    changed[:, SQUARE, SQUARE] = roof[:, None, None] * (0.9 + 0.2 * rng.random((32, 32)))[None]
+    # Both dates see the same world, with a little sensor noise.
+    after_world = changed + rng.normal(0, 10, changed.shape)
+    root = tmp_path_factory.mktemp("pairmap-pair")
+    before = _write(
+        root / "before_20240601.tif",
+        base[:, :SIZE, :SIZE],
+        Affine(PIXEL, 0, X0, 0, -PIXEL, Y0),
+    )
+    after = _write(
+        root / "after_20240701.tif",
+        after_world[:, 1 : SIZE + 1, 1 : SIZE + 1],
+        Affine(PIXEL, 0, X0 + PIXEL, 0, -PIXEL, Y0 - PIXEL),
+    )
+    return before, after
+
+
+def test_pair_map_on_befores_grid(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path
+) -> None:
+    before, after = pair
+    out = tmp_path / "maps" / "pair.tif"
+    result = pair_change_map(before, after, model=random_model, out=out, stride=8, batch=16)
+    assert result.path == out
+    assert (result.width, result.height) == (SIZE, SIZE)
+    assert result.window == 32  # the model's patch size
+    assert result.windows == 9 * 9  # offsets 0, 8, ..., 64 on each axis
+    assert result.pixels_per_s > 0
+    assert not list(out.parent.glob(".*.tmp"))  # published by rename, nothing left over
+    valid, errors, _ = cog_validate(str(out), quiet=True)
+    assert valid, errors
+    with rasterio.open(before) as src, rasterio.open(out) as ds:
+        assert ds.crs == src.crs
+        assert ds.transform == src.transform
+        assert (ds.width, ds.height) == (src.width, src.height)
+        assert ds.dtypes == ("float32",)
+        assert ds.count == 1
+        tags = ds.tags()
+        values = ds.read(1)
+    assert tags["stride"] == "8"
+    assert tags["window"] == "32"
+    assert tags["model"] == str(random_model)
+    assert len(tags["model_sha256"]) == 64
+    assert tags["method"] == "random"
+    assert tags["before"] == str(before) and tags["after"] == str(after)
+    assert np.isfinite(values).all()  # BEFORE is valid everywhere
+    inside = values[SQUARE, SQUARE].mean()
+    outside_mask = np.ones_like(values, dtype=bool)
+    outside_mask[SQUARE, SQUARE] = False
+    assert inside > values[outside_mask].mean()
+    # Far from the square (no window covers both), the map is lower still.
+    assert inside > values[:4, :4].mean()
+
+
+def test_reprojection_aligns_after_with_before(pair: tuple[Path, Path]) -> None:
+    before, after = pair
+    first = read_canonical(before)
+    second = reproject_onto(read_canonical(after), first)
+    assert second.dn.shape == (len(CANONICAL_BANDS), SIZE, SIZE)
+    assert second.transform == first.transform
+    # AFTER's grid starts a pixel right and down: BEFORE's first row and column are outside it.
+    assert not second.valid[0].any() and not second.valid[:, 0].any()
+    assert second.valid[1:, 1:].all()
+    # Away from the square, the two dates agree to the sensor noise.
+    diff = np.abs(first.dn[:, 2:30, 2:30] - second.dn[:, 2:30, 2:30])
+    assert float(np.median(diff)) < 30
+    cva = cva_map(first, second)
+    assert np.isnan(cva[0]).all()
+    assert np.nanmean(cva[SQUARE, SQUARE]) > 3 * np.nanmean(cva[2:30, 2:30])
+
+
+def test_offset_is_removed(tmp_path: Path) -> None:
+    data = np.full((len(CANONICAL_BANDS), 40, 40), 1500.0)
+    path = _write(tmp_path / "l2a_20240601.tif", data, Affine(PIXEL, 0, X0, 0, -PIXEL, Y0), -1000)
+    scene = read_canonical(path)
+    assert scene.dn.dtype == np.float32
+    assert np.allclose(scene.dn, 500.0)
+    assert scene.valid.all()
+
+
+def test_missing_input_is_a_clear_error(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path
+) -> None:
+    before, _ = pair
+    out = tmp_path / "pair.tif"
+    with pytest.raises(ExportError, match="no such file"):
+        pair_change_map(before, tmp_path / "nope", model=random_model, out=out)
+    with pytest.raises(ExportError, match="ONNX model"):
+        pair_change_map(before, before, model=tmp_path / "none.onnx", out=out)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff")
+    with pytest.raises(ExportError, match="cannot read"):
+        read_canonical(junk)
+    with pytest.raises(ExportError, match="smaller than the model's minimum"):
+        pair_change_map(before, before, model=random_model, out=out, window=16)
+    assert not out.exists()
+
+
+def test_pairmap_does_not_import_torch() -> None:
+    code = "import sys, revisit.export.pairmap; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.skipif(
+    not OSCD_CITY.is_dir(), reason=f"OSCD data not found at {OSCD_CITY} (../shared/data)"
+)
+def test_reads_an_oscd_band_folder() -> None:
+    first = read_canonical(OSCD_CITY / "imgs_1")
+    second = reproject_onto(read_canonical(OSCD_CITY / "imgs_2"), first)
+    with rasterio.open(next((OSCD_CITY / "imgs_1").glob("*_B02.tif"))) as ds:
+        assert (first.width, first.height) == (ds.width, ds.height)
+        assert first.transform == ds.transform
+        assert np.allclose(first.dn[1], ds.read(1))  # B02 is read as is
+    assert first.dn.shape == (len(CANONICAL_BANDS), first.height, first.width)
+    assert first.valid.mean() > 0.99
+    assert second.valid.mean() > 0.9
