@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ from revisit.config import Settings
 from revisit.db.artifacts import insert_artifact
 from revisit.db.changemaps import BBox, ChangeMapRows, change_map_rows, validate_bbox
 from revisit.errors import ExportError
+from revisit.fsutil import fsync_dir, temp_name
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -164,18 +164,6 @@ class ExportedMap:
 # -- atomic files -----------------------------------------------------------------------------
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}{_TMP_SUFFIX}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, path: Path) -> WrittenFile:
     """Flush ``tmp`` to disk, hash it and rename it to ``path``."""
     digest = hashlib.sha256()
@@ -186,7 +174,7 @@ def _publish(tmp: Path, path: Path) -> WrittenFile:
             size += len(chunk)
         os.fsync(f.fileno())
     tmp.replace(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return WrittenFile(path=path, sha256=digest.hexdigest(), size_bytes=size)
 
 
@@ -194,7 +182,7 @@ def _publish(tmp: Path, path: Path) -> WrittenFile:
 def _temporary(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path``, removed if the block fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         yield tmp
     except BaseException:

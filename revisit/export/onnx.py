@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 
 import revisit
 from revisit.errors import ExportError, ParityError
+from revisit.fsutil import write_bytes_atomic
 from revisit.learner.heads import ContrastiveModel, ProjectionHead, l2_normalize
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
@@ -318,16 +318,9 @@ def export_model(
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
-        with tmp.open("wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, proto.SerializeToString())
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ExportError(f"could not write {path}: {exc}") from exc
 
 

@@ -79,6 +79,7 @@ from revisit.export.onnx import (
     model_metadata,
     parity_check,
 )
+from revisit.fsutil import fsync_dir, write_bytes_atomic
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.heads import ContrastiveModel
@@ -482,7 +483,9 @@ def _export_and_publish(
                 tolerance=settings.export.parity_tolerance,
             )
             sha256s[output] = _sha256_file(staging / filename)
-            _write_synced(staging / f"{filename}.sha256", f"{sha256s[output]}  {filename}\n")
+            write_bytes_atomic(
+                staging / f"{filename}.sha256", f"{sha256s[output]}  {filename}\n".encode()
+            )
             files[output] = filename
         _move_into_place(staging, directory, files)
     finally:
@@ -537,27 +540,12 @@ def _export_and_publish(
     )
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(staging: Path, directory: Path, files: Mapping[str, str]) -> None:
     try:
         for filename in files.values():
             os.replace(staging / filename, directory / filename)
             os.replace(staging / f"{filename}.sha256", directory / f"{filename}.sha256")
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         raise ExportError(f"could not move the exported models into {directory}: {exc}") from exc
 
@@ -583,14 +571,9 @@ def _write_manifest(directory: Path, published: PublishedModel) -> None:
         },
     }
     target = directory / MANIFEST
-    tmp = directory / f".{MANIFEST}.{os.getpid()}.{time.monotonic_ns()}{_TMP_SUFFIX}"
     try:
-        _write_synced(tmp, json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, target)
-        _fsync_dir(directory)
+        write_bytes_atomic(target, (json.dumps(manifest, indent=2) + "\n").encode())
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ExportError(f"could not write {target}: {exc}") from exc
 
 

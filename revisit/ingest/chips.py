@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from revisit.errors import ChipStoreError
+from revisit.fsutil import fsync_dir
 
 SUFFIX = ".npy"
 TMP_SUFFIX = ".tmp"
@@ -115,7 +116,7 @@ class ChipStore:
                     os.fsync(f.fileno())
             tmp.replace(target)
             if self.fsync:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -201,11 +202,3 @@ class ChipStore:
             path.unlink(missing_ok=True)
             freed += st.st_size
         return GarbageReport(chips=chips, temporaries=temporaries, bytes=freed)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,12 @@ from typing import Any
 import torch
 
 from revisit.errors import LearnerError
+from revisit.fsutil import TMP_SUFFIX, write_bytes_atomic
 
 #: Version of the file layout; a file of another version is refused with a clear error.
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 SUFFIX = ".pt"
-TMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(LearnerError):
@@ -51,14 +49,6 @@ def _path(data_dir: Path, key: str) -> Path:
     if len(parts) != 3 or parts[0] != CHECKPOINT_DIR or any(p in ("", ".", "..") for p in parts):
         raise CheckpointError(f"not a checkpoint key: {key!r}")
     return data_dir / key
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(data_dir: Path, key: str, payload: Mapping[str, Any]) -> tuple[str, int]:
@@ -81,18 +71,10 @@ def save_checkpoint(data_dir: Path, key: str, payload: Mapping[str, Any]) -> tup
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
     data = buffer.getvalue()
     sha256 = hashlib.sha256(data).hexdigest()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(target)
-        _fsync_dir(target.parent)
+        write_bytes_atomic(target, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise CheckpointError(f"could not write checkpoint {key}: {exc}") from exc
     return sha256, len(data)
 
