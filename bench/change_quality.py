@@ -20,7 +20,11 @@ window r can see). Rows of the table, all on the same locations:
   (mean over pixels of the 12-band difference), EMA'd over the same events;
 - ``teco r``, ``moco r`` (and any other ``--methods``): r from those methods.
 
-    .venv/bin/python bench/change_quality.py [--locations 400] [--years 3] [--steps 400]
+    .venv/bin/python bench/change_quality.py [--locations 400] [--years 3] [--steps 2000]
+
+Every method trains with batch 32, a queue of 4096, lr 0.12 (for 256; 0.015
+at batch 32) and key momentum 0.99 (``--set KEY=VALUE`` changes any setting).
+About 25 minutes on 2 cores.
 
 The figure printed last is CACo r's AUROC (target ≥ 0.9, and the best row).
 """
@@ -96,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--locations", type=int, default=400)
     parser.add_argument("--years", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--chip-size", type=int, default=32)
     parser.add_argument("--lead-days", type=int, default=365)
@@ -203,6 +207,10 @@ def main() -> None:
                     "refit_every": max(1, args.steps // 20),
                     "checkpoint_every": max(1, args.steps // 4),
                     "seed": args.seed,
+                    # A bounded CPU run learns faster with a quicker key encoder
+                    # and a larger rate than the service's defaults.
+                    "lr": 0.12,
+                    "momentum": 0.99,
                     **overrides,
                 },
             )
