@@ -163,7 +163,7 @@ class LearnerSettings(_Section):
     short_max_days: float = Field(default=120, gt=0, description="k+ at most this far from q.")
     long_min_days: float = Field(default=330, gt=0, description="k_lt at least this long before q.")
     doy_window_days: float = Field(
-        default=45, ge=0, le=183, description="k_lt's day of year within this of q's."
+        default=45, ge=0, le=182, description="k_lt's day of year within this of q's."
     )
     min_valid_fraction: float = Field(
         default=0.8, ge=0, le=1, description="Observations below this valid share are not mined."
