@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from datetime import date as Date
@@ -395,6 +395,60 @@ def grid_change(
 # -- COG --------------------------------------------------------------------------------------
 
 
+def write_float_cog(
+    values: npt.NDArray[np.float32],
+    path: Path,
+    *,
+    crs: Any,
+    transform: Any,
+    description: str,
+    units: str,
+    tags: Mapping[str, str],
+) -> WrittenFile:
+    """Write one float32 band (NaN nodata) as a deflate COG, validated, atomically.
+
+    Raises:
+        ExportError: The file could not be written or is not a valid COG.
+    """
+    height, width = values.shape
+    source_profile = {
+        "driver": "GTiff",
+        "dtype": "float32",
+        "count": 1,
+        "width": width,
+        "height": height,
+        "crs": crs,
+        "transform": transform,
+        "nodata": NODATA,
+    }
+    cog_profile: dict[str, Any] = dict(cog_profiles["deflate"])
+    cog_profile.update(predictor=3)  # floating-point predictor: the values are smooth
+    try:
+        with _temporary(path) as tmp:
+            with MemoryFile() as memory:
+                with memory.open(**source_profile) as dataset:
+                    dataset.write(values, 1)
+                    dataset.set_band_description(1, description)
+                    dataset.update_tags(**tags)
+                    dataset.update_tags(1, name=description, units=units)
+                with memory.open() as dataset:
+                    cog_translate(
+                        dataset,
+                        str(tmp),
+                        cog_profile,
+                        overview_resampling="average",
+                        forward_band_tags=True,
+                        in_memory=True,
+                        quiet=True,
+                    )
+            valid, errors, _warnings = cog_validate(str(tmp), quiet=True)
+            if not valid:
+                raise ExportError(f"{path} is not a valid COG: {'; '.join(errors)}")
+            return _publish(tmp, path)
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise ExportError(f"could not write the COG {path}: {exc}") from exc
+
+
 def write_cog(
     rows: ChangeMapRows,
     path: Path,
@@ -441,42 +495,15 @@ def write_cog(
         "changed": str(rows.changed_count),
         "nodata": "NaN: no location with an estimate in the cell",
     }
-    source_profile = {
-        "driver": "GTiff",
-        "dtype": "float32",
-        "count": 1,
-        "width": grid.width,
-        "height": grid.height,
-        "crs": "EPSG:4326",
-        "transform": grid.transform,
-        "nodata": NODATA,
-    }
-    cog_profile: dict[str, Any] = dict(cog_profiles["deflate"])
-    cog_profile.update(predictor=3)  # floating-point predictor: r is smooth
-    try:
-        with _temporary(path) as tmp:
-            with MemoryFile() as memory:
-                with memory.open(**source_profile) as dataset:
-                    dataset.write(grid.values, 1)
-                    dataset.set_band_description(1, BAND_DESCRIPTION)
-                    dataset.update_tags(**tags)
-                    dataset.update_tags(1, name=BAND_DESCRIPTION, units="dimensionless ratio")
-                with memory.open() as dataset:
-                    cog_translate(
-                        dataset,
-                        str(tmp),
-                        cog_profile,
-                        overview_resampling="average",
-                        forward_band_tags=True,
-                        in_memory=True,
-                        quiet=True,
-                    )
-            valid, errors, _warnings = cog_validate(str(tmp), quiet=True)
-            if not valid:
-                raise ExportError(f"{path} is not a valid COG: {'; '.join(errors)}")
-            written = _publish(tmp, path)
-    except (OSError, rasterio.errors.RasterioError) as exc:
-        raise ExportError(f"could not write the COG {path}: {exc}") from exc
+    written = write_float_cog(
+        grid.values,
+        path,
+        crs="EPSG:4326",
+        transform=grid.transform,
+        description=BAND_DESCRIPTION,
+        units="dimensionless ratio",
+        tags=tags,
+    )
     return WrittenFile(written.path, written.sha256, written.size_bytes, grid)
 
 

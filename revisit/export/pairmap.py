@@ -25,7 +25,6 @@ transform, width, height), validated with rio-cogeo and published atomically
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -41,14 +40,12 @@ import rasterio
 import rasterio.errors
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.io import MemoryFile
 from rasterio.warp import Resampling, reproject
 from rasterio.windows import Window
-from rio_cogeo.cogeo import cog_translate, cog_validate
-from rio_cogeo.profiles import cog_profiles
 
 from revisit.errors import ExportError, SceneRejectedError
-from revisit.export.changemap import _publish, _temporary
+from revisit.export.changemap import write_float_cog
+from revisit.fsutil import sha256_file
 from revisit.ingest.sources.geotiff import BAND_FILE
 from revisit.ingest.sources.local import LocalSource
 from revisit.ingest.sources.rasters import (
@@ -361,14 +358,6 @@ def _batches(positions: list[tuple[int, int]], batch: int) -> Iterator[list[tupl
         yield positions[i : i + batch]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def score_pair(
     before: Scene,
     after: Scene,
@@ -414,42 +403,15 @@ def score_pair(
 def _write_cog(
     values: npt.NDArray[np.float32], like: Scene, path: Path, tags: dict[str, str]
 ) -> tuple[str, int]:
-    profile = {
-        "driver": "GTiff",
-        "dtype": "float32",
-        "count": 1,
-        "width": like.width,
-        "height": like.height,
-        "crs": like.crs,
-        "transform": like.transform,
-        "nodata": float("nan"),
-    }
-    cog_profile: dict[str, Any] = dict(cog_profiles["deflate"])
-    cog_profile.update(predictor=3)
-    try:
-        with _temporary(path) as tmp:
-            with MemoryFile() as memory:
-                with memory.open(**profile) as dataset:
-                    dataset.write(values, 1)
-                    dataset.set_band_description(1, BAND_DESCRIPTION)
-                    dataset.update_tags(**tags)
-                    dataset.update_tags(1, name=BAND_DESCRIPTION, units="cosine distance")
-                with memory.open() as dataset:
-                    cog_translate(
-                        dataset,
-                        str(tmp),
-                        cog_profile,
-                        overview_resampling="average",
-                        forward_band_tags=True,
-                        in_memory=True,
-                        quiet=True,
-                    )
-            valid, errors, _warnings = cog_validate(str(tmp), quiet=True)
-            if not valid:
-                raise ExportError(f"{path} is not a valid COG: {'; '.join(errors)}")
-            written = _publish(tmp, path)
-    except (OSError, rasterio.errors.RasterioError) as exc:
-        raise ExportError(f"could not write the COG {path}: {exc}") from exc
+    written = write_float_cog(
+        values,
+        path,
+        crs=like.crs,
+        transform=like.transform,
+        description=BAND_DESCRIPTION,
+        units="cosine distance",
+        tags=tags,
+    )
     return written.sha256, written.size_bytes
 
 
@@ -514,7 +476,7 @@ def pair_change_map(
         "before": str(Path(before).expanduser().absolute()),
         "after": str(Path(after).expanduser().absolute()),
         "model": str(model),
-        "model_sha256": _sha256(model),
+        "model_sha256": sha256_file(model),
         "model_version": meta.get("model_version", ""),
         "model_published_version": meta.get("version", ""),
         "model_output": meta.get("output", encoder.output_name),

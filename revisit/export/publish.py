@@ -48,7 +48,6 @@ The newest ``export.keep_versions`` versions are kept, and always the one
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -79,7 +78,7 @@ from revisit.export.onnx import (
     model_metadata,
     parity_check,
 )
-from revisit.fsutil import fsync_dir, write_bytes_atomic
+from revisit.fsutil import fsync_dir, sha256_file, write_bytes_atomic
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.heads import ContrastiveModel
@@ -367,14 +366,6 @@ def _remove_temporaries(directory: Path) -> int:
     return removed
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _already_published(
     rows: list[ArtifactRow], name: str, directory: Path
 ) -> PublishedModel | None:
@@ -387,7 +378,7 @@ def _already_published(
     paths: dict[str, Path] = {}
     for output, row in mine.items():
         path = directory / Path(row.path).name
-        if not path.is_file() or _sha256_file(path) != row.sha256:
+        if not path.is_file() or sha256_file(path) != row.sha256:
             logger.warning(
                 "published file %s is missing or damaged; exporting %s again", path, name
             )
@@ -482,7 +473,7 @@ def _export_and_publish(
                 chips,
                 tolerance=settings.export.parity_tolerance,
             )
-            sha256s[output] = _sha256_file(staging / filename)
+            sha256s[output] = sha256_file(staging / filename)
             write_bytes_atomic(
                 staging / f"{filename}.sha256", f"{sha256s[output]}  {filename}\n".encode()
             )
