@@ -162,3 +162,19 @@ def test_hostile_source_names(engine_: sa.Engine, source: str) -> None:
     code, err = run("ingest", "--source", source, "--aoi", "keep")
     clean(code, err)
     assert fingerprint(engine_) == before
+
+
+@pytest.mark.parametrize("name", ["\ud800", "a\udfffb"])
+def test_names_that_are_not_utf8_are_refused_cleanly(engine_: sa.Engine, name: str) -> None:
+    # Found by test_hostile_aoi_names: a lone surrogate used to escape as a
+    # UnicodeEncodeError from the database driver.
+    before = fingerprint(engine_)
+    for argv in (
+        ("aoi", "add", name, "--bbox", "0,0,1,1"),
+        ("query", "changed", "--aoi", name),
+        ("export", "changemap", "--aoi", name, "--out", os.devnull),
+    ):
+        code, err = run(*argv)
+        assert code != 0
+        clean(code, err)
+    assert fingerprint(engine_) == before

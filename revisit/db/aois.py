@@ -51,6 +51,10 @@ def get_aoi(conn: Connection, name: str) -> Aoi:
     Raises:
         AoiNotFoundError: There is none; the message lists what there is.
     """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: no stored name can equal it
+        raise AoiNotFoundError(f"no AOI named {name!r}: not valid UTF-8 text") from None
     row = conn.execute(
         sa.text("SELECT id, name, ST_AsText(geom) FROM aoi WHERE name = :name"), {"name": name}
     ).first()

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.engine import Connection
 
-from revisit.db.aois import AoiNotFoundError
+from revisit.db.aois import get_aoi
 from revisit.db.copy import driver_connection
 
 BBox = tuple[float, float, float, float]
@@ -197,21 +197,11 @@ def change_map_rows(
                 bbox,
             )
             rows = cursor.fetchall()
-        else:
-            cursor.execute(
-                "SELECT id, ST_XMin(geom), ST_YMin(geom), ST_XMax(geom), ST_YMax(geom)"
-                " FROM aoi WHERE name = %s",
-                (aoi,),
-            )
-            found = cursor.fetchone()
-            if found is None:
-                cursor.execute("SELECT name FROM aoi ORDER BY name LIMIT 21")
-                names = [str(r[0]) for r in cursor.fetchall()]
-                known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-                known = known or "none yet: add one with `revisit aoi add`"
-                raise AoiNotFoundError(f"no AOI named {aoi!r} (known: {known})")
-            aoi_id = int(found[0])
-            aoi_bounds = (float(found[1]), float(found[2]), float(found[3]), float(found[4]))
+        elif aoi is not None:
+            found = get_aoi(conn, aoi)
+            aoi_id = found.id
+            west, south, east, north = found.geom.bounds
+            aoi_bounds = (float(west), float(south), float(east), float(north))
             cursor.execute(
                 select + "JOIN aoi a ON a.id = %s AND ST_Intersects(l.geom, a.geom) ORDER BY l.id",
                 (aoi_id,),
