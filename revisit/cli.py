@@ -179,6 +179,17 @@ def _print_status(db: Database, report: DatabaseStatus) -> None:
 # -- locations, AOIs, ingest -------------------------------------------------------------
 
 
+def _bbox_option(text: str) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a ``--bbox`` value; a usage error if it is not one."""
+    from revisit.ingest.areas import parse_bbox
+
+    try:
+        west, south, east, north = parse_bbox(text).bounds
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--bbox") from None
+    return (west, south, east, north)
+
+
 def _parse_date(text: str | None, *, end_of_day: bool = False) -> datetime | None:
     """``2024-05-01`` or an ISO timestamp, as UTC."""
     if text is None:
@@ -620,7 +631,6 @@ def export_changemap(
     from revisit.db.engine import Database
     from revisit.db.migrate import upgrade
     from revisit.export.changemap import FORMATS, export_change_map
-    from revisit.ingest.areas import parse_bbox
 
     if (bbox is None) == (aoi is None):
         raise typer.BadParameter("give exactly one of --bbox or --aoi")
@@ -628,11 +638,7 @@ def export_changemap(
         raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, not {output!r}")
     box = None
     if bbox is not None:
-        try:
-            bounds = parse_bbox(bbox).bounds
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        box = (bounds[0], bounds[1], bounds[2], bounds[3])
+        box = _bbox_option(bbox)
     settings = _settings(ctx)
     with Database(settings) as db:
         upgrade(db.engine)
@@ -677,7 +683,6 @@ def query_changed(
     from revisit.db.aois import get_aoi
     from revisit.db.engine import Database
     from revisit.db.queries import changed_locations
-    from revisit.ingest.areas import parse_bbox
 
     if (bbox is None) == (aoi is None):
         raise typer.BadParameter("give exactly one of --bbox or --aoi")
@@ -687,10 +692,7 @@ def query_changed(
         raise typer.BadParameter("--min-ratio must be a number >= 0")
     box = None
     if bbox is not None:
-        try:
-            box = parse_bbox(bbox).bounds
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
+        box = _bbox_option(bbox)
     with Database(_settings(ctx)) as db, db.engine.connect() as conn:
         aoi_id = get_aoi(conn, aoi).id if aoi is not None else None
         rows = changed_locations(

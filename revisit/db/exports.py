@@ -9,8 +9,9 @@ closes, also when the process holding it is killed.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from revisit.db.locks import advisory_unlock, try_advisory_lock
 
 # "revexpor" in ASCII; the learner's lock is "revlearn", the migrations' "revisit".
 EXPORT_LOCK_KEY = 0x7265766578706F72
@@ -26,11 +27,7 @@ def try_export_lock(conn: Connection) -> bool:
     Returns:
         True if this session now holds the lock, False if another one does.
     """
-    return bool(
-        conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": EXPORT_LOCK_KEY}
-        ).scalar_one()
-    )
+    return try_advisory_lock(conn, EXPORT_LOCK_KEY)
 
 
 def release_export_lock(conn: Connection) -> bool:
@@ -42,8 +39,4 @@ def release_export_lock(conn: Connection) -> bool:
     Returns:
         Whether this session held it.
     """
-    return bool(
-        conn.execute(
-            sa.text("SELECT pg_advisory_unlock(:key)"), {"key": EXPORT_LOCK_KEY}
-        ).scalar_one()
-    )
+    return advisory_unlock(conn, EXPORT_LOCK_KEY)

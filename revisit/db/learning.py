@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from revisit.db.copy import copy_rows, driver_connection
+from revisit.db.locks import advisory_unlock, try_advisory_lock
 from revisit.errors import LearnerError
 
 log = logging.getLogger(__name__)
@@ -554,11 +555,7 @@ def try_learner_lock(conn: Connection) -> bool:
     Returns:
         True if this session now holds the lock, False if another one does.
     """
-    return bool(
-        conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LEARNER_LOCK_KEY}
-        ).scalar_one()
-    )
+    return try_advisory_lock(conn, LEARNER_LOCK_KEY)
 
 
 def release_learner_lock(conn: Connection) -> None:
@@ -567,10 +564,7 @@ def release_learner_lock(conn: Connection) -> None:
     Args:
         conn: The connection that took the lock.
     """
-    released = conn.execute(
-        sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LEARNER_LOCK_KEY}
-    ).scalar_one()
-    if not released:
+    if not advisory_unlock(conn, LEARNER_LOCK_KEY):
         log.warning("learner lock %#x was not held by this session", LEARNER_LOCK_KEY)
 
 
