@@ -9,8 +9,7 @@ change) with ``sklearn.metrics.roc_auc_score``. Rows:
 - ``CVA``: change-vector analysis (per-image standardised bands, norm of the
   difference); the data README gives 0.755 / 0.787 / 0.943 / 0.949;
 - ``random ONNX``: a randomly initialised encoder (key encoder + head 0,
-  seed 0) exported to ONNX, scored by :func:`revisit.export.pairmap.score_pair`
-  (mean cosine distance of the windows covering a pixel);
+  seed 0) exported to ONNX;
 - ``model``: ``--model FILE.onnx``, or the ``embedding`` file of
   ``--data-dir``'s ``latest.json``, if given;
 - ``self-trained`` (``--self-train``): for each city, a model trained with the
@@ -22,7 +21,14 @@ change) with ``sklearn.metrics.roc_auc_score``. Rows:
   dates are ingested through :class:`LocalSource` (``since`` 2010-01-01), the
   learner runs ``--steps`` CPU steps and the newest checkpoint is published with
   :func:`revisit.export.publish.publish_onnx`; its ``embedding`` model scores the
-  city with window = ``--chip-size`` and ``--stride``.
+  city.
+
+Each model is scored both ways :func:`revisit.export.pairmap.pair_change_map`
+knows: ``dense`` (:func:`~revisit.export.pairmap.score_dense`: the stem at every
+pixel on standardised bands) and ``windows``
+(:func:`~revisit.export.pairmap.score_pair`: the mean cosine distance of the
+``--window`` windows covering a pixel, every ``--stride`` pixels; the
+self-trained model's windows are ``--chip-size``).
 
   Learner settings (method ``caco``): ``batch_size`` min(32, locations),
   ``queue_size`` 1024, ``warmup_steps`` steps // 4, ``refit_every``
@@ -37,7 +43,8 @@ change) with ``sklearn.metrics.roc_auc_score``. Rows:
         [--self-train [--steps 200] [--chip-size 32]]
 
 The figure printed last is the mean AUROC of the best learned row (``model`` or
-``self-trained``; the random ONNX row when neither is run) against CVA's.
+``self-trained``, either scoring; the random rows when neither is run) against
+CVA's.
 """
 
 from __future__ import annotations
@@ -64,9 +71,11 @@ from revisit.errors import ExportError  # noqa: E402
 from revisit.export.pairmap import (  # noqa: E402
     OnnxEncoder,
     Scene,
+    StemEncoder,
     cva_map,
     read_canonical,
     reproject_onto,
+    score_dense,
     score_pair,
 )
 
@@ -225,55 +234,54 @@ def main() -> None:
         raise SystemExit(f"OSCD data not found at {args.data}")
 
     with tempfile.TemporaryDirectory(prefix="revisit-oscd-") as tmp:
-        models: dict[str, Path] = {
-            "random ONNX": export_random(Path(tmp) / "random.onnx", args.window)
-        }
+        models: dict[str, Path] = {"random": export_random(Path(tmp) / "random.onnx", args.window)}
         if args.model is not None:
             models["model"] = args.model
         elif args.data_dir is not None:
             models["model"] = published_model(args.data_dir)
-        encoders = {name: OnnxEncoder(path) for name, path in models.items()}
 
-        table: dict[str, dict[str, float]] = {"CVA": {}, **{name: {} for name in encoders}}
-        if args.self_train:
-            table["self-trained"] = {}
+        table: dict[str, dict[str, float]] = {"CVA": {}}
         for city in args.cities:
             first, second, changed = load_city(args.data, city)
             table["CVA"][city] = auroc(cva_map(first, second), changed)
-            scorers = [(name, encoder, args.window) for name, encoder in encoders.items()]
+            scorers = [(name, path, args.window) for name, path in models.items()]
             if args.self_train:
                 path = _self_train(
                     args.data, city, steps=args.steps, chip_size=args.chip_size, out=Path(tmp)
                 )
-                scorers.append(("self-trained", OnnxEncoder(path), args.chip_size))
-            for name, encoder, window in scorers:
-                started = time.perf_counter()
-                try:
-                    score, windows = score_pair(
-                        first,
-                        second,
-                        encoder,
-                        window=window,
-                        stride=args.stride,
-                        batch=args.batch,
+                scorers.append(("self-trained", path, args.chip_size))
+            for name, path, window in scorers:
+                for scoring in ("dense", "windows"):
+                    started = time.perf_counter()
+                    try:
+                        if scoring == "dense":
+                            score = score_dense(first, second, StemEncoder(path))
+                        else:
+                            score, _ = score_pair(
+                                first,
+                                second,
+                                OnnxEncoder(path),
+                                window=window,
+                                stride=args.stride,
+                                batch=args.batch,
+                            )
+                    except ExportError as exc:
+                        raise SystemExit(f"{city}: {exc}") from exc
+                    seconds = time.perf_counter() - started
+                    row = f"{name} {scoring}"
+                    table.setdefault(row, {})[city] = auroc(score, changed)
+                    print(
+                        f"{city:12s} {row:22s} {first.width}x{first.height}"
+                        f" {seconds:.1f} s ({first.width * first.height / seconds:,.0f} px/s)"
                     )
-                except ExportError as exc:
-                    raise SystemExit(f"{city}: {exc}") from exc
-                seconds = time.perf_counter() - started
-                table[name][city] = auroc(score, changed)
-                print(
-                    f"{city:12s} {name:12s} {first.width}x{first.height}"
-                    f" {windows} windows {seconds:.1f} s"
-                    f" ({first.width * first.height / seconds:,.0f} px/s)"
-                )
 
     print()
-    print(f"pixel AUROC, window {args.window}, stride {args.stride}")
-    header = f"{'row':14s}" + "".join(f"{c:>13s}" for c in args.cities) + f"{'mean':>9s}"
+    print(f"pixel AUROC; windows: window {args.window}, stride {args.stride}")
+    header = f"{'row':22s}" + "".join(f"{c:>13s}" for c in args.cities) + f"{'mean':>9s}"
     print(header)
     readme = [README_CVA.get(c, float("nan")) for c in args.cities]
     print(
-        f"{'CVA (README)':14s}"
+        f"{'CVA (README)':22s}"
         + "".join(f"{v:13.3f}" for v in readme)
         + f"{float(np.mean(readme)):9.3f}"
     )
@@ -281,8 +289,8 @@ def main() -> None:
     for name, row in table.items():
         values = [row[c] for c in args.cities]
         means[name] = float(np.mean(values))
-        print(f"{name:14s}" + "".join(f"{v:13.3f}" for v in values) + f"{means[name]:9.3f}")
-    learned = [n for n in means if n in ("model", "self-trained")]
+        print(f"{name:22s}" + "".join(f"{v:13.3f}" for v in values) + f"{means[name]:9.3f}")
+    learned = [n for n in means if n.startswith(("model", "self-trained"))]
     best = max(learned or [n for n in means if n != "CVA"], key=lambda n: means[n])
     print(f"{best} mean AUROC: {means[best]:.3f} (CVA: {means['CVA']:.3f})")
 

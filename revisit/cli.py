@@ -26,6 +26,8 @@ from revisit.errors import ConfigError, EmbeddedDatabaseError, RevisitError
 from revisit.logs import configure_logging
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from revisit.db.embedded import EmbeddedPostgres
     from revisit.db.engine import Database
     from revisit.db.status import DatabaseStatus
@@ -122,23 +124,95 @@ def run(
             help="Stop after this long (90s, 10m, 2h); run until SIGINT/SIGTERM if unset."
         ),
     ] = None,
+    until_step: Annotated[
+        int | None,
+        typer.Option(min=1, help="Stop cleanly once the learner has reached this step."),
+    ] = None,
 ) -> None:
-    """Start the service: the database up and migrated, then serve until stopped."""
+    """Start the service: scheduled ingest, learning and exports, until stopped.
+
+    One `revisit run` per database schedules jobs; a second one waits as a
+    standby and takes over when the first stops or dies.
+    """
     from revisit.daemon.service import run_service
 
     seconds = parse_duration(duration) if duration is not None else None
     settings = _settings(ctx)
-    run_service(settings, duration_s=seconds, report=_print_status)
+    run_service(settings, duration_s=seconds, until_step=until_step, report=_print_status)
 
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """Row counts per table, the latest scene and model version, and where the database is."""
+    """Row counts, the latest scene, model and exports, and the service's jobs."""
     from revisit.db.engine import Database
     from revisit.db.status import collect_status
 
     with Database(_settings(ctx)) as db, db.engine.connect() as conn:
-        _print_status(db, collect_status(conn))
+        report = collect_status(conn)
+        _print_status(db, report)
+        if report.migrated:
+            _print_service(conn)
+
+
+def _when(moment: datetime | None) -> str:
+    """A time in UTC, without the year: ``11-30 13:55:24``."""
+    return "-" if moment is None else f"{moment.astimezone(UTC):%m-%d %H:%M:%S}"
+
+
+def _print_service(conn: Connection) -> None:
+    """The daemon's part of `revisit status`: leader, learner step, latest exports, jobs."""
+    from revisit.db import daemon as daemon_db
+    from revisit.db import learning
+
+    # Tables as wide as their rows even when piped (rich assumes 80 columns there).
+    wide = Console(soft_wrap=True, width=max(stdout.width, 150))
+    leader = daemon_db.current_leader(conn)
+    stdout.print(
+        "[bold]service[/bold]  "
+        + (
+            f"running: a `revisit run` leads this database (since {_when(leader.since)} UTC)"
+            if leader
+            else "not running (no `revisit run` holds the leader lock)"
+        )
+    )
+    latest = learning.latest_model_version(conn)
+    stdout.print(
+        "[bold]learner step[/bold]  "
+        + (f"{latest.step} (last checkpoint, {latest.method})" if latest else "0 (not started)")
+    )
+    artifacts = daemon_db.latest_artifacts(conn)
+    if artifacts:
+        table = Table("latest export", "created (UTC)", "path", show_edge=False)
+        for art in artifacts:
+            table.add_row(
+                art["kind"] + (f" ({art['aoi']})" if art["aoi"] else ""),
+                _when(art["created_at"]),
+                art["path"],
+            )
+        wide.print(table)
+    else:
+        stdout.print("[bold]latest exports[/bold]  none yet")
+    runs = daemon_db.job_runs(conn)
+    if runs:
+        table = Table(
+            "job", "last run", "outcome", "s", "next run", "runs", "failed", show_edge=False
+        )
+        for run in runs:
+            table.add_row(
+                run.job_id,
+                _when(run.last_started_at),
+                run.last_outcome or "-",
+                "-" if run.last_duration_s is None else f"{run.last_duration_s:.1f}",
+                _when(run.next_run_at),
+                str(run.runs),
+                str(run.failures),
+            )
+        wide.print(table)
+        for run in runs:
+            if run.last_detail:
+                stdout.print(f"  {run.job_id}: {run.last_detail}", highlight=False)
+    else:
+        stdout.print("[bold]jobs[/bold]  none yet: `revisit run` schedules them")
 
 
 def _print_status(db: Database, report: DatabaseStatus) -> None:
@@ -575,17 +649,27 @@ def changemap_pair(
         Path | None,
         typer.Option(help="An embedding ONNX model (default: the latest published one)."),
     ] = None,
+    scoring: Annotated[
+        str | None,
+        typer.Option(
+            help="dense: the encoder's stem at every pixel; windows: embeddings of sliding"
+            " windows (default: export.pair_scoring)."
+        ),
+    ] = None,
     stride: Annotated[
         int | None,
-        typer.Option(min=1, help="Pixels between windows (default: export.pair_stride)."),
+        typer.Option(
+            min=1, help="Pixels between windows, for windows (default: export.pair_stride)."
+        ),
     ] = None,
     window: Annotated[
-        int | None, typer.Option(min=1, help="Window side (default: the model's patch_size).")
+        int | None,
+        typer.Option(min=1, help="Window side, for windows (default: the model's patch_size)."),
     ] = None,
 ) -> None:
     """Map how far the encoder's features moved between two images, pixel by pixel (onnxruntime)."""
     from revisit.errors import ExportError
-    from revisit.export.pairmap import pair_change_map
+    from revisit.export.pairmap import SCORINGS, pair_change_map
     from revisit.export.publish import export_dir, read_manifest
 
     settings = _settings(ctx)
@@ -597,17 +681,26 @@ def changemap_pair(
                 "`revisit export onnx` first, or pass --model FILE.onnx"
             )
         model = export_dir(settings.data_dir) / manifest["files"]["embedding"]
+    chosen = scoring or settings.export.pair_scoring
+    if chosen not in SCORINGS:
+        raise ExportError(f"unknown scoring {chosen!r}; expected one of {', '.join(SCORINGS)}")
     result = pair_change_map(
         before,
         after,
         model=model,
         out=out,
+        scoring="dense" if chosen == "dense" else "windows",
         stride=stride or settings.export.pair_stride,
         window=window,
         batch=settings.export.pair_batch,
     )
+    how = (
+        f"every pixel, {result.window}x{result.window} stem"
+        if result.scoring == "dense"
+        else f"{result.windows} windows"
+    )
     stdout.print(
-        f"wrote {result.path} ({result.width} x {result.height} px, {result.windows} windows, "
+        f"wrote {result.path} ({result.width} x {result.height} px, {result.scoring}: {how}, "
         f"{result.pixels_per_s:,.0f} px/s)"
     )
 

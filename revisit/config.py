@@ -227,12 +227,114 @@ class ExportSettings(_Section):
         gt=0,
         description="Cell size of change-map COGs in degrees; None: the median location spacing.",
     )
+    pair_scoring: Literal["dense", "windows"] = Field(
+        default="dense",
+        description=(
+            "How a pair change map scores pixels: the encoder's stem at every pixel (dense),"
+            " or whole-model embeddings of sliding windows (windows)."
+        ),
+    )
     pair_stride: int = Field(
-        default=16, ge=1, le=1024, description="Pixels between windows of a dense pair change map."
+        default=16,
+        ge=1,
+        le=1024,
+        description="Pixels between windows of a pair change map scored by windows.",
     )
     pair_batch: int = Field(
         default=64, ge=1, le=4096, description="Windows per onnxruntime call in a pair change map."
     )
+
+
+class DaemonSettings(_Section):
+    """``revisit run`` (DESIGN §6): the scheduled jobs, the leader lock, health and metrics.
+
+    The defaults let ``make run`` on two CPU cores show ingest, learning and an
+    export within the first minutes.
+    """
+
+    http_port: int = Field(
+        default=8787,
+        ge=0,
+        le=65535,
+        description="Port of /healthz, /readyz and /metrics on 127.0.0.1; 0 picks a free one.",
+    )
+    sources: tuple[Literal["simulated", "local", "sentinelhub"], ...] = Field(
+        default=("simulated",), description="Sources with an ingest job; empty: no ingest."
+    )
+    ingest_every_s: float = Field(default=60, gt=0, description="Seconds between ingest runs.")
+    ingest_max_scenes: int = Field(
+        default=100, ge=1, description="Scenes one ingest run looks at; the next run goes on."
+    )
+    learn_every_s: float = Field(default=1, gt=0, description="Pause between two learning chunks.")
+    learn_chunk_steps: int = Field(
+        default=20, ge=1, description="Learner steps per learning chunk."
+    )
+    learn_chunk_s: float = Field(
+        default=10, gt=0, description="A learning chunk also ends after this many seconds."
+    )
+    refit_every_s: float = Field(
+        default=120, gt=0, description="Seconds between change-mixture refits."
+    )
+    export_every_steps: int = Field(
+        default=100, ge=1, description="Learner steps between ONNX exports."
+    )
+    export_every_s: float = Field(
+        default=600, gt=0, description="Seconds between ONNX exports (of a new checkpoint)."
+    )
+    changemap_every_s: float = Field(
+        default=180, gt=0, description="Seconds between change-map exports of each AOI."
+    )
+    changemap_formats: tuple[Literal["geojson", "cog", "png"], ...] = Field(
+        default=("geojson", "cog", "png"), description="Formats of scheduled change maps."
+    )
+    keep_changemaps: int = Field(
+        default=5, ge=1, le=1000, description="Change maps kept per AOI and format."
+    )
+    housekeeping_every_s: float = Field(
+        default=3600, gt=0, description="Seconds between chip garbage collections."
+    )
+    chip_gc_min_age_s: float = Field(
+        default=3600, ge=0, description="Only unreferenced chip files older than this go."
+    )
+    misfire_grace_s: float = Field(
+        default=300, gt=0, description="A run later than this is skipped to its next time."
+    )
+    standby_poll_s: float = Field(
+        default=1, gt=0, le=60, description="How often a standby tries the leader lock."
+    )
+    stall_after_s: float = Field(
+        default=900, gt=0, description="/readyz fails when learning made no progress this long."
+    )
+    job_threads: int = Field(
+        default=4, ge=2, le=64, description="Threads running jobs (ingest runs on its own)."
+    )
+    bootstrap_aoi: str | None = Field(
+        default="demo",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="On a database without locations, add this AOI and a grid in it; None: no.",
+    )
+    bootstrap_bbox: tuple[float, float, float, float] = Field(
+        default=(2.25, 48.80, 2.45, 48.92),
+        description="The bootstrap AOI: west, south, east, north.",
+    )
+    bootstrap_spacing_m: float = Field(
+        default=3500, ge=100, description="Spacing of the bootstrap AOI's grid of locations."
+    )
+
+    @field_validator("bootstrap_aoi", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "none", "None") else value
+
+    @field_validator("bootstrap_bbox")
+    @classmethod
+    def _bbox(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        west, south, east, north = value
+        if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+            raise ValueError(
+                "must be west,south,east,north in degrees with west < east, south < north"
+            )
+        return value
 
 
 class Settings(BaseSettings):
@@ -269,6 +371,7 @@ class Settings(BaseSettings):
     sentinelhub: SentinelHubSettings = SentinelHubSettings()
     learner: LearnerSettings = LearnerSettings()
     export: ExportSettings = ExportSettings()
+    daemon: DaemonSettings = DaemonSettings()
 
     @field_validator("data_dir")
     @classmethod

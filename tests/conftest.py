@@ -128,4 +128,6 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVISIT_")}
     env["REVISIT_DATA_DIR"] = str(tmp_path / "var")
     env["REVISIT_LOG_FORMAT"] = "json"
+    # `revisit run` serves health and metrics: on a free port, never on one a service uses.
+    env["REVISIT_DAEMON__HTTP_PORT"] = "0"
     return env

@@ -24,7 +24,9 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    String,
     Text,
     UniqueConstraint,
     func,
@@ -41,6 +43,9 @@ SCENE_LEVELS = ("L1C", "L2A")
 SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
 SIM_EVENT_KINDS = ("construction", "clearing", "flooding", "reservoir")
 ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
+JOB_OUTCOMES = ("ok", "skipped", "failed")
+#: The table of the daemon's APScheduler job store (its jobs, pickled).
+SCHEDULER_JOB_TABLE = "scheduler_job"
 
 # Constraint names follow one convention so that migrations can refer to them.
 NAMING_CONVENTION = {
@@ -393,6 +398,47 @@ class SimTruth(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class JobRun(Base):
+    """The last run of one of the daemon's scheduled jobs, for ``revisit status``."""
+
+    __tablename__ = "job_run"
+    __table_args__ = (
+        CheckConstraint(_in("last_outcome", JOB_OUTCOMES), name="outcome_known"),
+        CheckConstraint("runs >= 0 AND failures >= 0", name="counts_nonnegative"),
+    )
+
+    job_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_outcome: Mapped[str | None] = mapped_column(Text, comment="ok, skipped or failed")
+    last_duration_s: Mapped[float | None] = mapped_column(Double)
+    last_detail: Mapped[str | None] = mapped_column(
+        Text, comment="one line: what the run did, or why it failed"
+    )
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    runs: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    failures: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    runner: Mapped[str | None] = mapped_column(Text, comment="host:pid of the daemon that ran it")
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class SchedulerJob(Base):
+    """APScheduler's job store (``SQLAlchemyJobStore``): one row per scheduled job.
+
+    The layout is APScheduler 3's own; the migration creates it so that the
+    scheduler never has to.
+    """
+
+    __tablename__ = SCHEDULER_JOB_TABLE
+    __table_args__ = (Index("ix_scheduler_job_next_run_time", "next_run_time"),)
+
+    id: Mapped[str] = mapped_column(String(191), primary_key=True)
+    next_run_time: Mapped[float | None] = mapped_column(Double)
+    job_state: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
 TABLES = (
     "aoi",
     "location",
@@ -405,6 +451,8 @@ TABLES = (
     "ingest_cursor",
     "quarantine",
     "sim_truth",
+    "job_run",
+    SCHEDULER_JOB_TABLE,
 )
 VIEWS = ("v_change", "v_change_history", "v_aoi_change")
 READER_ROLE = "revisit_reader"

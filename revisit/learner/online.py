@@ -345,6 +345,7 @@ class OnlineLearner:
         stop: threading.Event | None = None,
         max_seconds: float | None = None,
         on_step: Callable[[StepReport], None] | None = None,
+        checkpoint: bool = True,
     ) -> LearnSummary:
         """Take up to ``steps`` steps, then checkpoint.
 
@@ -353,6 +354,10 @@ class OnlineLearner:
             stop: Ends the run after the step in progress when set.
             max_seconds: Ends the run after the step that passes this much time.
             on_step: Called after every step with its :class:`StepReport`.
+            checkpoint: Checkpoint at the end when steps were taken since the
+                last checkpoint. The daemon, which runs many short chunks on one
+                open learner, turns it off: checkpoints then come every
+                ``checkpoint_every`` steps and at :meth:`close`.
 
         Returns:
             A :class:`LearnSummary`.
@@ -386,7 +391,7 @@ class OnlineLearner:
                 losses.append(report.loss)
                 if on_step is not None:
                     on_step(report)
-            if self.step > self._last_checkpoint_step:
+            if checkpoint and self.step > self._last_checkpoint_step:
                 self.checkpoint()
         except BaseException as exc:
             self._broken = f"{type(exc).__name__}: {exc}"

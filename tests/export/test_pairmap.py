@@ -17,10 +17,13 @@ from rio_cogeo.cogeo import cog_validate
 from revisit.errors import ExportError
 from revisit.export.onnx import EmbeddingModel, export_model, model_metadata
 from revisit.export.pairmap import (
+    StemEncoder,
     cva_map,
     pair_change_map,
     read_canonical,
     reproject_onto,
+    score_dense,
+    standardized,
 )
 from revisit.learner.heads import ContrastiveModel
 from revisit.types import CANONICAL_BANDS
@@ -35,15 +38,20 @@ OSCD_CITY = SHARED_DATA / "oscd" / "images" / "bercy"
 
 
 @pytest.fixture(scope="session")
-def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised encoder exported to ONNX (patch size 32)."""
+def random_module() -> EmbeddingModel:
+    """A randomly initialised encoder (key encoder + head 0), in eval mode."""
     torch.manual_seed(0)
-    module = EmbeddingModel(ContrastiveModel(queue_size=8))
+    return EmbeddingModel(ContrastiveModel(queue_size=8))
+
+
+@pytest.fixture(scope="session")
+def random_model(random_module: EmbeddingModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``random_module`` exported to ONNX (patch size 32)."""
     path = tmp_path_factory.mktemp("pairmap-model") / "random.onnx"
     metadata = model_metadata(
-        module, method="random", step=0, model_version=None, patch_size=32, opset=18
+        random_module, method="random", step=0, model_version=None, patch_size=32, opset=18
     )
-    export_model(module, path, metadata=metadata, opset=18, patch_size=32)
+    export_model(random_module, path, metadata=metadata, opset=18, patch_size=32)
     return path
 
 
@@ -109,8 +117,11 @@ def test_pair_map_on_befores_grid(
 ) -> None:
     before, after = pair
     out = tmp_path / "maps" / "pair.tif"
-    result = pair_change_map(before, after, model=random_model, out=out, stride=8, batch=16)
+    result = pair_change_map(
+        before, after, model=random_model, out=out, scoring="windows", stride=8, batch=16
+    )
     assert result.path == out
+    assert result.scoring == "windows"
     assert (result.width, result.height) == (SIZE, SIZE)
     assert result.window == 32  # the model's patch size
     assert result.windows == 9 * 9  # offsets 0, 8, ..., 64 on each axis
@@ -126,6 +137,8 @@ def test_pair_map_on_befores_grid(
         assert ds.count == 1
         tags = ds.tags()
         values = ds.read(1)
+        assert ds.descriptions == ("cosine_distance",)
+    assert tags["scoring"] == "windows"
     assert tags["stride"] == "8"
     assert tags["window"] == "32"
     assert tags["model"] == str(random_model)
@@ -181,8 +194,107 @@ def test_missing_input_is_a_clear_error(
     with pytest.raises(ExportError, match="cannot read"):
         read_canonical(junk)
     with pytest.raises(ExportError, match="smaller than the model's minimum"):
-        pair_change_map(before, before, model=random_model, out=out, window=16)
+        pair_change_map(before, before, model=random_model, out=out, scoring="windows", window=16)
+    with pytest.raises(ExportError, match="unknown scoring"):
+        pair_change_map(before, before, model=random_model, out=out, scoring="pixels")  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_dense_pair_map_scores_every_pixel(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path
+) -> None:
+    before, after = pair
+    out = tmp_path / "dense.tif"
+    result = pair_change_map(before, after, model=random_model, out=out)  # dense by default
+    assert result.scoring == "dense"
+    assert (result.window, result.stride, result.windows) == (7, 1, SIZE * SIZE)
+    valid, errors, _ = cog_validate(str(out), quiet=True)
+    assert valid, errors
+    with rasterio.open(before) as src, rasterio.open(out) as ds:
+        assert (ds.crs, ds.transform, ds.width, ds.height) == (
+            src.crs,
+            src.transform,
+            src.width,
+            src.height,
+        )
+        assert ds.descriptions == ("feature_distance",)
+        tags = ds.tags()
+        values = ds.read(1)
+    assert tags["scoring"] == "dense"
+    assert tags["window"] == "7" and tags["stride"] == "1"
+    # AFTER does not cover BEFORE's first row and column: no score there.
+    assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all()
+    assert np.isfinite(values[1:, 1:]).all()
+    # Per pixel, the planted square stands out: the map ranks its pixels first.
+    truth = np.zeros_like(values, dtype=bool)
+    truth[SQUARE, SQUARE] = True
+    inner = values[1:, 1:]
+    changed = truth[1:, 1:]
+    threshold = np.quantile(inner, 1 - changed.mean())
+    precision = float(changed[inner >= threshold].mean())
+    assert precision > 0.9
+    # Pixel-sharp: three pixels inside the square's edge already stand out, and three
+    # pixels outside it (beyond the 7x7 stem's reach) do not.
+    background = float(np.median(inner[~changed]))
+    assert values[39, 39] > 3 * background
+    assert values[32, 32] < 1.5 * background
+
+
+def test_stem_is_the_first_layer_at_every_pixel(
+    random_module: EmbeddingModel, random_model: Path
+) -> None:
+    """onnxruntime's stem equals PyTorch's conv1 + BatchNorm + ReLU evaluated at stride 1."""
+    stem = StemEncoder(random_model)
+    assert (stem.channels, stem.kernel, stem.halo) == (64, 7, 3)
+    encoder = random_module.encoder
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, len(CANONICAL_BANDS), 45, 38)).astype(np.float32)
+    with torch.no_grad():
+        conv = torch.nn.functional.conv2d(torch.from_numpy(x), encoder.conv1.weight, padding=3)
+        expected = encoder.relu(encoder.bn1(conv)).numpy()
+    got = stem(x)
+    assert got.shape == (2, 64, 45, 38)
+    assert float(np.abs(got - expected).max()) < 1e-4
+
+
+def test_dense_tiles_give_the_whole_image_result(
+    pair: tuple[Path, Path], random_model: Path
+) -> None:
+    before, after = pair
+    first = read_canonical(before)
+    second = reproject_onto(read_canonical(after), first)
+    stem = StemEncoder(random_model)
+    whole = score_dense(first, second, stem, tile=4096)
+    tiled = score_dense(first, second, stem, tile=17)  # tiles that do not divide 96
+    assert np.array_equal(np.isnan(whole), np.isnan(tiled))
+    assert np.nanmax(np.abs(whole - tiled)) < 1e-5
+
+
+def test_standardized_ignores_and_zeroes_invalid_pixels(pair: tuple[Path, Path]) -> None:
+    before, after = pair
+    first = read_canonical(before)
+    second = reproject_onto(read_canonical(after), first)  # first row and column invalid
+    out = standardized(second)
+    assert (out[:, 0, :] == 0).all() and (out[:, :, 0] == 0).all()
+    inside = out[:, second.valid]
+    assert np.allclose(inside.mean(axis=1), 0, atol=1e-4)
+    assert np.allclose(inside.std(axis=1), 1, atol=1e-3)
+
+
+def test_a_model_without_a_convolutional_stem_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("reflectance", TensorProto.FLOAT, ["n", 12, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 12, "h", "w"])
+    graph = helper.make_graph([helper.make_node("Relu", ["reflectance"], ["y"])], "g", [x], [y])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ExportError, match="no single convolution reads the input"):
+        StemEncoder(path)
+    path.write_bytes(b"not onnx")
+    with pytest.raises(ExportError, match="cannot load ONNX model"):
+        StemEncoder(path)
 
 
 def test_pairmap_does_not_import_torch() -> None:

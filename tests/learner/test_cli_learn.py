@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import rasterio
 import sqlalchemy as sa
 
 from tests.conftest import SHARED_DATA
@@ -84,7 +85,10 @@ def test_learn_trains_and_prints_a_summary(
             timeout=300,
         )
         assert pair.returncode == 0, pair.stderr
-        assert (tmp_path / "bercy.tif").stat().st_size > 0
+        assert "dense" in pair.stdout  # export.pair_scoring's default
+        with rasterio.open(tmp_path / "bercy.tif") as ds:
+            assert ds.tags()["scoring"] == "dense"
+            assert ds.descriptions == ("feature_distance",)
 
 
 def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:
