@@ -20,7 +20,7 @@ used here):
     distance between its two feature vectors. Deeper layers see 32x32 pixels
     at once (total stride 32): too coarse for OSCD's changes, which are a few
     pixels wide; on the four OSCD cities the stem on standardised bands scores
-    a mean pixel AUROC about 0.1 above the same stem on reflectance and 0.2
+    a mean pixel AUROC about 0.1 above the same stem on reflectance and 0.25
     above whole-window embeddings (``bench/oscd.py``). The image is processed
     in tiles with a halo of half the kernel, so the result is exactly that of
     one pass over the whole image, in bounded memory.
