@@ -8,7 +8,8 @@ in alternation (so a neighbour's load hits both alike); the median latency of
 each is reported. It then times the dense pair change map on a synthetic
 ``--pair-size`` square pair (both scorings of
 :mod:`revisit.export.pairmap`: ``dense``, the stem at every pixel, and
-``windows`` of ``--size`` pixels every 16) and prints pixels per second. The
+``windows`` of ``--size`` pixels every 16, on the same exported model) and
+prints pixels per second. The
 figure printed last is torch time ÷ onnxruntime time (target ≥ 1.2).
 
     .venv/bin/python bench/onnx.py [--batch 64] [--size 64] [--threads N] [--runs 10]
@@ -38,12 +39,7 @@ import torch  # noqa: E402
 from affine import Affine  # noqa: E402
 from rasterio.crs import CRS  # noqa: E402
 
-from revisit.export.onnx import (  # noqa: E402
-    EmbeddingModel,
-    FeatureModel,
-    export_model,
-    model_metadata,
-)
+from revisit.export.onnx import FeatureModel, export_model, model_metadata  # noqa: E402
 from revisit.export.pairmap import (  # noqa: E402
     OnnxEncoder,
     Scene,
@@ -110,23 +106,7 @@ def main() -> None:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        embedding = Path(tmp) / "embedding.onnx"
-        module_e = EmbeddingModel(ContrastiveModel(queue_size=64))
-        export_model(
-            module_e,
-            embedding,
-            metadata=model_metadata(
-                module_e,
-                method="caco",
-                step=0,
-                model_version=None,
-                patch_size=args.size,
-                opset=args.opset,
-            ),
-            opset=args.opset,
-            patch_size=args.size,
-        )
-        dense_px_s, windows_px_s = pair_map_speed(embedding, side=args.pair_size, window=args.size)
+        dense_px_s, windows_px_s = pair_map_speed(path, side=args.pair_size, window=args.size)
 
     def run_torch() -> np.ndarray:
         with torch.inference_mode():

@@ -69,17 +69,7 @@ def job_specs(ctx: JobContext, aois: list[str]) -> list[JobSpec]:
     d = ctx.settings.daemon
     specs: list[JobSpec] = []
     for source in d.sources:
-        specs.append(
-            JobSpec(
-                jobs.ingest_job_id(source, None),
-                jobs.ingest,
-                d.ingest_every_s,
-                args=(source, None),
-                executor=INGEST_EXECUTOR,
-                run_at_start=True,
-            )
-        )
-        for aoi in aois:
+        for aoi in (None, *aois):  # every location, then each AOI with its own cursor
             specs.append(
                 JobSpec(
                     jobs.ingest_job_id(source, aoi),
