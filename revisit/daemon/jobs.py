@@ -32,6 +32,7 @@ from revisit.db.aois import create_aoi, list_aois
 from revisit.db.artifacts import delete_artifacts, list_artifacts
 from revisit.db.locations import count_locations, insert_locations
 from revisit.db.scenes import referenced_chip_keys
+from revisit.fsutil import TMP_SUFFIX
 from revisit.ingest.chips import ChipStore
 from revisit.logs import log_context
 
@@ -489,7 +490,10 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
     finally:
         if export_due:
             control.wake(EXPORT_ONNX)
-        if not c.stop.is_set():
+        # At --until-step the service is about to stop: no further chunk (it would only
+        # record a `skipped` run over the last `ok` one).
+        reached = c.until_step is not None and slot.step >= c.until_step
+        if not c.stop.is_set() and not reached:
             c.resume_when_done(LEARN)
 
 
@@ -615,18 +619,48 @@ def housekeeping(*, ctx: JobContext | None = None) -> JobResult:
     """Remove chip files no observation names (older than ``daemon.chip_gc_min_age_s``).
 
     Also applies the change-map retention, for maps left from a run with a
-    larger ``daemon.keep_changemaps``. ONNX retention is part of every publish.
+    larger ``daemon.keep_changemaps``, and removes the temporaries of change
+    maps a kill interrupted (as old). ONNX retention, and the removal of what a
+    killed publish left, are part of every publish.
     """
     c = _context(ctx)
     with c.engine.connect() as conn:
         referenced = referenced_chip_keys(conn)
-    report = c.store.collect_garbage(referenced, min_age_s=c.settings.daemon.chip_gc_min_age_s)
+    min_age_s = c.settings.daemon.chip_gc_min_age_s
+    report = c.store.collect_garbage(referenced, min_age_s=min_age_s)
     removed = prune_changemaps(c.settings, c.engine, keep=c.settings.daemon.keep_changemaps)
+    abandoned = remove_changemap_temporaries(c.settings.data_dir, min_age_s=min_age_s)
     return JobResult(
         "ok",
-        f"removed {report.chips} unreferenced chips and {report.temporaries} temporaries "
-        f"({report.bytes / 1e6:.1f} MB), {removed} old change maps",
+        f"removed {report.chips} unreferenced chips and {report.temporaries + abandoned} "
+        f"temporaries ({report.bytes / 1e6:.1f} MB), {removed} old change maps",
     )
+
+
+def remove_changemap_temporaries(data_dir: Path, *, min_age_s: float) -> int:
+    """Remove temporary files a killed change-map export left, older than ``min_age_s``.
+
+    A map is written to a hidden temporary name and renamed (see
+    :mod:`revisit.fsutil`); a kill between the two leaves the temporary, which
+    nothing else ever names. A young one may be a write in progress, and stays.
+
+    Returns:
+        How many were removed.
+    """
+    root = data_dir / CHANGEMAP_DIR
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - min_age_s
+    removed = 0
+    for path in root.glob(f"*/.*{TMP_SUFFIX}"):
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    return removed
 
 
 def aoi_sync(*, ctx: JobContext | None = None) -> JobResult:

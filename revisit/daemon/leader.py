@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The longest wait between two tries while the database is unreachable.
+MAX_RETRY_S = 5.0
+
 
 class LeaderLock:
     """The daemon's leader lock on a dedicated connection.
@@ -32,6 +35,8 @@ class LeaderLock:
         self.engine = engine
         self._conn: Connection | None = None
         self.held = False
+        #: Tries in a row that could not ask the database (it is down or restarting).
+        self.failures = 0
 
     def try_acquire(self) -> bool:
         """Try the lock once, without waiting.
@@ -49,11 +54,34 @@ class LeaderLock:
             got = daemon_db.try_leader_lock(self._conn)
             self._conn.commit()  # the lock is the session's; no transaction stays open
         except Exception as exc:
-            log.warning("could not try the leader lock: %s", exc)
+            self.failures += 1
+            # One line when the database goes away, not one per try while it stays away.
+            log.log(
+                logging.WARNING if self.failures == 1 else logging.DEBUG,
+                "could not try the leader lock (database unreachable?); retrying with backoff: %s",
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                extra={"tries": self.failures},
+            )
             self._drop()
             return False
+        if self.failures:
+            log.info(
+                "the database answers again after %d failed tries", self.failures,
+                extra={"tries": self.failures},
+            )  # fmt: skip
+            self.failures = 0
         self.held = got
         return got
+
+    def retry_delay_s(self, poll_s: float) -> float:
+        """Seconds until the next try: ``poll_s``, doubled per failed try up to :data:`MAX_RETRY_S`.
+
+        Args:
+            poll_s: The delay between tries while the database answers (a standby's poll).
+        """
+        if not self.failures:
+            return poll_s
+        return max(poll_s, min(poll_s * 2.0 ** (self.failures - 1), MAX_RETRY_S))
 
     def alive(self) -> bool:
         """Whether the lock's session still answers (and so the lock is still held)."""

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from revisit.config import Settings
 from revisit.daemon.health import HealthServer
 from revisit.daemon.jobs import JobContext, bootstrap
-from revisit.daemon.leader import LeaderLock
+from revisit.daemon.leader import MAX_RETRY_S, LeaderLock
 from revisit.daemon.metrics import Metrics
 from revisit.daemon.scheduler import DaemonScheduler
 from revisit.db import daemon as daemon_db
@@ -160,28 +162,45 @@ def run_service(
             log.info("revisit is running; send SIGINT or SIGTERM to stop")
             try:
                 waiting_logged = False
+                failed_leads = 0
                 while not stop.is_set() and not bound_reached(None):
                     if not lock.try_acquire():
-                        if not waiting_logged:
+                        if not waiting_logged and not lock.failures:
                             log.info(
                                 "standby: another `revisit run` leads this database; "
                                 "taking over when it stops"
                             )
                             waiting_logged = True
-                        stop.wait(settings.daemon.standby_poll_s)
+                        # While the database is away, back off instead of polling it every second.
+                        stop.wait(lock.retry_delay_s(settings.daemon.standby_poll_s))
                         continue
                     waiting_logged = False
-                    lost = _lead(
-                        settings=settings,
-                        db=db,
-                        metrics=metrics,
-                        role=role,
-                        lock=lock,
-                        stop=stop,
-                        runner=runner,
-                        until_step=until_step,
-                        bound_reached=bound_reached,
-                    )
+                    try:
+                        lost = _lead(
+                            settings=settings,
+                            db=db,
+                            metrics=metrics,
+                            role=role,
+                            lock=lock,
+                            stop=stop,
+                            runner=runner,
+                            until_step=until_step,
+                            bound_reached=bound_reached,
+                        )
+                    except DBAPIError as exc:
+                        # The database went away while this process took the lead (bootstrap,
+                        # the scheduler's start): wait as a standby and try again, not crash.
+                        failed_leads += 1
+                        reason = str(exc.orig or exc).strip().splitlines()[0:1]
+                        log.error(
+                            "could not lead: the database failed (%s); waiting as standby",
+                            reason[0] if reason else type(exc).__name__,
+                        )
+                        lock.release()
+                        stop.wait(min(settings.daemon.standby_poll_s * 2.0**failed_leads,
+                                      MAX_RETRY_S))  # fmt: skip
+                        continue
+                    failed_leads = 0
                     if not lost:
                         break
             finally:

@@ -102,7 +102,14 @@ class ChipStore:
         key = key_for(sha256)
         target = self.root / key
         if target.exists() and target.stat().st_size == len(payload):
-            return StoredChip(key, sha256, len(payload))
+            # Young again: garbage collection spares files younger than its min age, and
+            # this one (maybe left unreferenced by a killed run) is about to be named.
+            try:
+                os.utime(target)
+            except FileNotFoundError:  # collected just now: write it afresh below
+                pass
+            else:
+                return StoredChip(key, sha256, len(payload))
         directory = target.parent
         tmp = directory / f".{sha256}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}"
         try:

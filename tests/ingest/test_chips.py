@@ -84,3 +84,17 @@ def test_garbage_collection_keeps_referenced_and_young_files(tmp_path: Path) -> 
     assert (report.chips, report.temporaries) == (1, 1)
     assert set(store.keys()) == {kept.key, young.key}
     assert not temporary.exists()
+
+
+def test_storing_an_existing_chip_again_makes_it_young(tmp_path: Path) -> None:
+    """A chip a killed run left unreferenced, stored again by the re-ingest, survives gc
+    running before the re-ingest's rows commit."""
+    store = ChipStore(tmp_path)
+    left = store.put(_chip(4))
+    old = time.time() - 7200
+    os.utime(store.path(left.key), (old, old))
+    again = store.put(_chip(4))
+    assert again == left
+    report = store.collect_garbage(set(), min_age_s=3600)  # no row names it yet
+    assert report.chips == 0
+    assert store.get(left.key, left.sha256).shape == _chip(4).shape
