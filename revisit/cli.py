@@ -585,20 +585,12 @@ def chips_verify(ctx: typer.Context) -> None:
     """Check that every observation's chip file is there and matches its sha256."""
     from revisit.db.engine import Database
     from revisit.db.scenes import chip_refs
-    from revisit.errors import ChipStoreError
     from revisit.ingest.chips import ChipStore
 
     settings = _settings(ctx)
     store = ChipStore(settings.data_dir / "chips")
-    checked = 0
-    bad: list[str] = []
     with Database(settings) as db, db.engine.connect() as conn:
-        for obs_id, key, sha in chip_refs(conn):
-            checked += 1
-            try:
-                store.get(key, sha)
-            except ChipStoreError as exc:
-                bad.append(f"observation {obs_id}: {exc}")
+        checked, bad = store.verify(chip_refs(conn))
     for line in bad:
         stdout.print(line)
     stdout.print(f"checked {checked} chips: {len(bad)} missing or corrupt")

@@ -148,6 +148,22 @@ class ChipStore:
         array = np.load(io.BytesIO(payload), allow_pickle=False)
         return np.asarray(array, dtype=np.uint16)
 
+    def verify(self, refs: Iterable[tuple[int, str, str]]) -> tuple[int, list[str]]:
+        """Check that each ``(observation_id, key, sha256)`` has its chip, with that hash.
+
+        Returns:
+            How many were checked, and one line per missing or corrupt chip.
+        """
+        checked = 0
+        bad: list[str] = []
+        for obs_id, key, sha in refs:
+            checked += 1
+            try:
+                self.get(key, sha)
+            except ChipStoreError as exc:
+                bad.append(f"observation {obs_id}: {exc}")
+        return checked, bad
+
     def get_many(
         self, keys: Sequence[str], sha256s: Sequence[str] | None = None
     ) -> npt.NDArray[np.uint16]:

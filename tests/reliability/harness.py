@@ -29,7 +29,6 @@ import sqlalchemy as sa
 
 from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.scenes import chip_refs
-from revisit.errors import ChipStoreError
 from revisit.export.publish import export_dir, read_manifest
 from revisit.fsutil import TMP_SUFFIX, sha256_file
 from revisit.ingest.chips import ChipStore
@@ -311,14 +310,7 @@ class KillHarness:
         store = ChipStore(self.data_dir / "chips")
 
         def work(conn: sa.Connection) -> tuple[Snapshot, list[str], int, dict[str, int]]:
-            bad: list[str] = []
-            checked = 0
-            for obs_id, key, sha in chip_refs(conn):
-                checked += 1
-                try:
-                    store.get(key, sha)
-                except ChipStoreError as exc:
-                    bad.append(f"observation {obs_id}: {exc}")
+            checked, bad = store.verify(chip_refs(conn))
             dupes = {
                 table: len(
                     conn.execute(
