@@ -451,7 +451,9 @@ def ingest(
     for reason, count in sorted(summary.quarantined_by_reason.items()):
         stdout.print(f"  quarantined {reason}: {count}")
     if summary.interrupted:
-        stdout.print(f"[yellow]interrupted: {summary.interrupted}; the next run resumes[/]")
+        stdout.print(
+            f"[yellow]interrupted: {summary.interrupted}; the next run resumes from there[/]"
+        )
         raise typer.Exit(EXIT_ERROR)
 
 

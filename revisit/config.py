@@ -92,6 +92,12 @@ class IngestSettings(_Section):
         ge=0,
         description="An acquisition this far past the present is quarantined as future-date.",
     )
+    min_free_mb: float = Field(
+        default=256,
+        ge=0,
+        description="Ingest stops before a scene whose chips would leave less free space than "
+        "this on the chip store's filesystem (room for the database and checkpoints).",
+    )
 
 
 class SimulatedSettings(_Section):

@@ -72,6 +72,14 @@ class ChipStoreError(IngestError, OSError):
     """A chip file could not be written, or is missing or corrupt on read."""
 
 
+class ChipStoreFullError(ChipStoreError, TransientError):
+    """The chip store's filesystem is full (or below ``ingest.min_free_mb``).
+
+    Ingest stops before committing the scene it was writing; it resumes from
+    that scene once space is freed.
+    """
+
+
 class LearnerError(RevisitError):
     """The learner could not train, estimate change or checkpoint."""
 

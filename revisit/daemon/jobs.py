@@ -387,7 +387,7 @@ def ingest(source: str, aoi: str | None = None, *, ctx: JobContext | None = None
         f"{summary.quarantined} quarantined{more}"
     )
     if summary.interrupted:
-        return JobResult("failed", f"{detail}; source interrupted: {summary.interrupted}")
+        return JobResult("failed", f"{detail}; interrupted: {summary.interrupted}")
     return JobResult("ok", detail)
 
 

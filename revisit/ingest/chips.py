@@ -12,9 +12,11 @@ file is missing or fails its hash is reported as :class:`ChipStoreError`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from revisit.errors import ChipStoreError
+from revisit.errors import ChipStoreError, ChipStoreFullError
 from revisit.fsutil import fsync_dir
 
 SUFFIX = ".npy"
@@ -90,8 +92,9 @@ class ChipStore:
         """Store a chip; storing the same pixels twice writes one file.
 
         Raises:
+            ChipStoreFullError: The filesystem is full; no partial file is left.
             ChipStoreError: The chip is not a 3-D uint16 array, or the write failed
-                (a full disk, say); no partial file is left under its name.
+                otherwise; no partial file is left under its name.
         """
         if data.dtype != np.uint16 or data.ndim != 3:
             raise ChipStoreError(
@@ -127,8 +130,20 @@ class ChipStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ChipStoreFullError(
+                    f"no space left for chips under {self.root} ({exc.strerror}) writing "
+                    f"chip {key}: free space there"
+                ) from exc
             raise ChipStoreError(f"could not write chip {key} under {self.root}: {exc}") from exc
         return StoredChip(key, sha256, len(payload))
+
+    def free_bytes(self) -> int:
+        """Free space, in bytes, on the filesystem that holds (or will hold) the store."""
+        place = self.root
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        return shutil.disk_usage(place).free
 
     def get(self, key: str, sha256: str | None = None) -> npt.NDArray[np.uint16]:
         """Read a chip, checking its hash (against ``sha256``, or the one in its name).

@@ -13,9 +13,11 @@ For each scene a source finds, oldest first:
    and the cursor of the source and AOI, moved to the scene's time.
 
 A product that is bad as a whole is quarantined and the run goes on. A source
-that does not answer (:class:`~revisit.errors.TransientError`) ends the run
-early, with the cursor still before the scene it could not read, so the next
-run starts there. A kill at any moment leaves at most chip files that no row
+that does not answer, or a chip store out of space (both
+:class:`~revisit.errors.TransientError`), ends the run early, with the cursor
+still before the scene it could not finish, so the next run starts there. A
+scene whose chips would leave less than ``ingest.min_free_mb`` free is not
+started. A kill at any moment leaves at most chip files that no row
 names, which garbage collection removes.
 """
 
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from revisit.config import IngestSettings
 from revisit.db import aois, cursors, locations, quarantine, scenes, simtruth
-from revisit.errors import IngestError, SceneRejectedError, TransientError
+from revisit.errors import ChipStoreFullError, IngestError, SceneRejectedError, TransientError
 from revisit.ingest import reasons
 from revisit.ingest.chips import ChipStore, StoredChip
 from revisit.ingest.grid import chip_grid_for
@@ -252,6 +254,7 @@ class IngestPipeline:
             return
 
         size = self.settings.chip_size
+        self._check_space(scene, len(todo), size)
         refs = [
             LocationRef(id=p.id, lon=p.lon, lat=p.lat, grid=chip_grid_for(p.lon, p.lat, size=size))
             for p in todo
@@ -334,6 +337,25 @@ class IngestPipeline:
                 "rejected": len(rejections),
             },
         )
+
+    def _check_space(self, scene: SceneRef, chips: int, size: int) -> None:
+        """Stop before a scene whose chips would leave less than ``ingest.min_free_mb`` free.
+
+        Raises:
+            ChipStoreFullError: Not enough room; nothing of the scene was written.
+        """
+        floor = self.settings.min_free_mb * 2**20
+        if floor <= 0 or chips == 0:
+            return
+        need = chips * (len(CANONICAL_BANDS) * size * size * 2 + 128)  # .npy header
+        free = self.store.free_bytes()
+        if free - need < floor:
+            raise ChipStoreFullError(
+                f"{free / 2**20:.1f} MB free under {self.store.root}; the {chips} chips of "
+                f"{scene.product_id} need {need / 2**20:.1f} MB and ingest.min_free_mb keeps "
+                f"{self.settings.min_free_mb:g} MB free: free space there (or lower "
+                "ingest.min_free_mb)"
+            )
 
     def _check(self, chip: Chip, size: int) -> Rejection | None:
         """A rejection for a chip that is malformed or unusable, None for a good one."""

@@ -34,9 +34,18 @@ endpoint (``token``, ``catalog``, ``process``) in order:
 - ``Fault.malformed_json()``: 200 with a cut-off JSON body.
 - ``Fault.truncated_tiff()``: 200 with the first half of the GeoTIFF.
 - ``Fault.wrong_band_count()``: 200 with a GeoTIFF lacking its last band.
+- ``Fault.reset()``: read the request, then reset the connection (TCP RST, no
+  reply); ``Fault.reset(partial=True)``: send the headers and half the body,
+  then reset.
+- ``Fault.trickle(seconds)``: send the headers at once and the body in ten
+  pieces spread over ``seconds``: every gap is shorter than a per-read timeout,
+  the whole reply longer than the client's deadline.
+- ``Fault.expire_token()``: every token issued so far becomes invalid just as
+  this request arrives (it gets 401): a token expiring mid-run.
 
 :meth:`FakeSentinelHub.expire_tokens` invalidates every token issued so far:
-API calls answer 401 until a new token is fetched.
+API calls answer 401 until a new token is fetched. :meth:`FakeSentinelHub.chaos`
+draws faults at random (seeded) for requests with no fault queued.
 """
 
 from __future__ import annotations
@@ -44,7 +53,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import random
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -133,6 +145,21 @@ class Fault:
         """Answer 200 with a GeoTIFF one band short."""
         return cls("wrong-band-count")
 
+    @classmethod
+    def reset(cls, *, partial: bool = False) -> Fault:
+        """Reset the connection: before any reply, or (``partial``) halfway through the body."""
+        return cls("reset-partial" if partial else "reset")
+
+    @classmethod
+    def trickle(cls, seconds: float) -> Fault:
+        """Answer normally, but spread the body over ``seconds``."""
+        return cls("trickle", delay_s=seconds)
+
+    @classmethod
+    def expire_token(cls) -> Fault:
+        """Invalidate every token issued so far as this request arrives."""
+        return cls("expire-token")
+
 
 @dataclass
 class Hit:
@@ -141,6 +168,7 @@ class Hit:
     endpoint: str
     status: int
     at: float
+    client_port: int = 0
 
 
 def _b64url(data: bytes) -> str:
@@ -195,6 +223,10 @@ class FakeSentinelHub:
     _rasters: dict[str, tuple[np.ndarray, Any, Any]] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
+    _chaos: tuple[random.Random, float, int, dict[str, list[Fault]]] | None = None
+    _chaos_turns: dict[str, list[Fault]] = field(default_factory=dict)
+    #: Faults served, by endpoint and kind (``status-429``, ``reset``, ...).
+    faults_served: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -288,6 +320,33 @@ class FakeSentinelHub:
         with self._lock:
             self._faults.setdefault(endpoint, deque()).extend([fault] * times)
 
+    def chaos(
+        self,
+        seed: int,
+        *,
+        rate: float,
+        faults: dict[str, list[Fault]],
+        max_burst: int = 1,
+    ) -> None:
+        """Misbehave at random: a request with no fault queued draws one with chance ``rate``.
+
+        Faults are drawn in turn from a seeded shuffle of an endpoint's list, so
+        each comes once before any comes again. A drawn fault lasts a burst of 1
+        to ``max_burst`` requests in a row (a 429 storm, an outage).
+
+        Args:
+            seed: Seeds the draws; the same seed and requests give the same faults.
+            rate: Chance that a request starts a burst.
+            faults: The faults to draw from, per endpoint (``token``, ``catalog``, ``process``).
+            max_burst: Longest burst.
+        """
+        unknown = set(faults) - set(ENDPOINTS.values())
+        if unknown:
+            raise ValueError(f"unknown endpoints {sorted(unknown)}")
+        with self._lock:
+            self._chaos = (random.Random(seed), rate, max_burst, faults)
+            self._chaos_turns.clear()
+
     def expire_tokens(self) -> None:
         """Invalidate every token issued so far: API calls get 401 until a new one is fetched."""
         with self._lock:
@@ -301,12 +360,25 @@ class FakeSentinelHub:
 
     def _next_fault(self, endpoint: str) -> Fault | None:
         with self._lock:
-            queue = self._faults.get(endpoint)
-            return queue.popleft() if queue else None
+            queue = self._faults.setdefault(endpoint, deque())
+            if not queue and self._chaos is not None:
+                rng, rate, max_burst, faults = self._chaos
+                choices = faults.get(endpoint)
+                if choices and rng.random() < rate:
+                    turn = self._chaos_turns.setdefault(endpoint, [])
+                    if not turn:  # every fault once, in a seeded order, before any repeats
+                        turn.extend(rng.sample(choices, len(choices)))
+                    queue.extend([turn.pop()] * rng.randint(1, max_burst))
+            if not queue:
+                return None
+            fault = queue.popleft()
+            kind = f"status-{fault.status_code}" if fault.kind == "status" else fault.kind
+            self.faults_served[(endpoint, kind)] += 1
+            return fault
 
-    def _record(self, endpoint: str) -> Hit:
+    def _record(self, endpoint: str, client_port: int = 0) -> Hit:
         """Count a request on arrival; its status is filled in before the reply is sent."""
-        hit = Hit(endpoint, 0, time.monotonic())
+        hit = Hit(endpoint, 0, time.monotonic(), client_port)
         with self._lock:
             self.hits[endpoint] += 1
             self.log.append(hit)
@@ -495,19 +567,48 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read ``fake.log`` instead."""
 
+    #: How the next reply misbehaves on the wire: ``reset-partial`` or ``trickle``.
+    wire_fault: Fault | None = None
+
     def _reply(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
         hit: Hit | None = getattr(self, "hit", None)
+        wire, self.wire_fault = self.wire_fault, None
         if hit is not None:
-            hit.status = status  # before the client can see the reply
+            # before the client can see the reply; a reply cut short counts as 0
+            hit.status = 0 if wire is not None and wire.kind == "reset-partial" else status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        if wire is not None and wire.kind == "reset-partial":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(0.01)  # let the client read what was sent before the reset
+            self._reset()
+        elif wire is not None and wire.kind == "trickle":
+            pieces = 10
+            step = -(-len(body) // pieces)
+            for start in range(0, len(body), step):
+                self.wfile.write(body[start : start + step])
+                self.wfile.flush()
+                time.sleep(wire.delay_s / pieces)
+        else:
+            self.wfile.write(body)
+
+    def _reset(self) -> None:
+        """Abort the connection: SO_LINGER 0 makes the close send a TCP RST."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()  # the descriptor closes with the handler's files, in finish()
+
+    def finish(self) -> None:
+        """Close the handler's files; a reset connection has nothing left to flush."""
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         self.hit = self.fake._record("unknown")
@@ -515,7 +616,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         endpoint = ENDPOINTS.get(self.path.split("?")[0])
-        self.hit = self.fake._record(endpoint or "unknown")
+        self.hit = self.fake._record(endpoint or "unknown", self.client_address[1])
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         if endpoint is None:
@@ -529,6 +630,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, endpoint: str, raw: bytes, fault: Fault | None) -> None:
         if fault is not None and fault.kind == "slow":
             time.sleep(fault.delay_s)
+            fault = None
+        if fault is not None and fault.kind == "reset":
+            self.hit.status = 0
+            self._reset()
+            return
+        if fault is not None and fault.kind in ("reset-partial", "trickle"):
+            self.wire_fault, fault = fault, None
+        if fault is not None and fault.kind == "expire-token":
+            self.fake.expire_tokens()
             fault = None
         if fault is not None and fault.kind == "status":
             status = fault.status_code

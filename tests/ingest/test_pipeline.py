@@ -199,3 +199,23 @@ def test_aoi_limits_locations_and_keeps_its_own_cursor(
 def test_no_locations_is_a_clear_error(engine: sa.Engine, store: ChipStore) -> None:
     with pytest.raises(IngestError, match="revisit sample"):
         _pipeline(engine, store, MemorySource(_scenes(1))).run()
+
+
+def test_a_scene_that_would_fill_the_disk_is_not_started(
+    located: sa.Engine, store: ChipStore
+) -> None:
+    # More free space than any disk has: the floor stops the run before the first chip.
+    settings = IngestSettings(chip_size=16, min_free_mb=2**40)
+    source = MemorySource(_scenes(2))
+    summary = IngestPipeline(located, store, source, settings=settings, clock=lambda: NOW).run()
+    assert summary.interrupted is not None
+    assert "ingest.min_free_mb keeps" in summary.interrupted and "P0" in summary.interrupted
+    assert source.reads == []
+    assert not store.root.exists() or not any(store.root.rglob("*"))
+    assert _count(located, "SELECT count(*) FROM scene") == 0
+    with located.connect() as conn:
+        assert cursors.get_cursor(conn, source="memory", aoi_id=None) is None
+
+    # With the default floor there is room: the run resumes at P0.
+    resumed = _pipeline(located, store, source).run()
+    assert (resumed.scenes, resumed.interrupted) == (2, None)

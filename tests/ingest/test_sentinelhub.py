@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -463,6 +464,66 @@ def test_a_slow_reply_times_out_and_is_retried(fake_sh: FakeSentinelHub) -> None
     fake_sh.inject("catalog", Fault.slow(0.6), times=2)
     with pytest.raises(SourceUnavailableError, match=r"no reply within 0\.15 s"):
         _search(_source(fake_sh, timeout_s=0.15, max_retries=1))
+
+
+def test_a_trickled_reply_is_cut_at_the_deadline_and_retried(fake_sh: FakeSentinelHub) -> None:
+    # Each piece of the body comes well within the per-read timeout; the whole does not.
+    require_oscd()
+    source = _source(fake_sh, timeout_s=0.5)
+    scene = _paris_scene(fake_sh, source)
+    fake_sh.inject("process", Fault.trickle(3.0))
+    started = time.monotonic()
+    (chip,) = source.read(scene, [_location(1, CENTRE)])
+    assert isinstance(chip, Chip)
+    assert time.monotonic() - started < 2.0  # gave up after ~0.5 s, not 3 s
+    assert fake_sh.hits["process"] == 2
+
+    fake_sh.inject("process", Fault.trickle(3.0), times=2)
+    with pytest.raises(SourceUnavailableError, match=r"reply not complete within 0\.5 s"):
+        list(_source(fake_sh, timeout_s=0.5, max_retries=1).read(scene, [_location(1, CENTRE)]))
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["before-reply", "mid-body"])
+def test_a_reset_connection_is_transient_and_never_a_bad_chip(
+    fake_sh: FakeSentinelHub, partial: bool
+) -> None:
+    require_oscd()
+    source = _source(fake_sh)
+    scene = _paris_scene(fake_sh, source)
+    fake_sh.inject("process", Fault.reset(partial=partial), times=2)
+    (chip,) = source.read(scene, [_location(1, CENTRE)])
+    assert isinstance(chip, Chip)  # half a GeoTIFF after a reset is retried, not rejected
+    assert [h.status for h in fake_sh.log if h.endpoint == "process"] == [0, 0, 200]
+
+    fake_sh.inject("catalog", Fault.reset(partial=partial), times=2)
+    with pytest.raises(SourceUnavailableError, match="connection failed"):
+        _search(_source(fake_sh, max_retries=1))
+
+
+def test_a_token_expiring_mid_run_costs_one_refresh(fake_sh: FakeSentinelHub) -> None:
+    require_oscd()
+    source = _source(fake_sh, max_retries=0)
+    scene = _paris_scene(fake_sh, source)
+    assert fake_sh.tokens_issued == 1  # the catalog search used it
+    fake_sh.inject("process", Fault.expire_token())  # it expires as the first chip is asked for
+    chips = list(source.read(scene, [_location(1, CENTRE), _location(2, CENTRE)]))
+    assert all(isinstance(c, Chip) for c in chips)
+    assert fake_sh.tokens_issued == 2
+    assert [h.status for h in fake_sh.log if h.endpoint == "process"] == [401, 200, 200]
+
+
+def test_calls_share_one_kept_alive_connection_until_a_fault_breaks_it(
+    fake_sh: FakeSentinelHub,
+) -> None:
+    require_oscd()
+    source = _source(fake_sh)
+    scene = _paris_scene(fake_sh, source)
+    list(source.read(scene, [_location(1, CENTRE), _location(2, EDGE)]))
+    assert len({hit.client_port for hit in fake_sh.log}) == 1  # token, catalog, 2 chips
+    fake_sh.inject("process", Fault.trickle(3.0))
+    list(_source(fake_sh, timeout_s=0.5).read(scene, [_location(1, CENTRE)]))
+    ports = [hit.client_port for hit in fake_sh.log if hit.endpoint == "process"]
+    assert ports[-1] != ports[-2]  # the call given up on is not reused
 
 
 def test_a_refused_connection_is_transient(fake_sh: FakeSentinelHub) -> None:

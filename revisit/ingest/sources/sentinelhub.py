@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import requests
+import urllib3
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 from sentinelhub.api.catalog import SentinelHubCatalog
@@ -97,6 +98,7 @@ _TILE_IN_ID = re.compile(r"_(T\d{2}[A-Z]{3})(?:_|$)")
 _BASELINE_IN_ID = re.compile(r"_N(\d{2})(\d{2})(?:_|$)")
 _SAFETY_MARGIN_S = 60.0  # fetch a new token this long before the old one expires
 _MAX_DETAIL = 200
+_READ_CHUNK = 64 * 1024
 
 # Context of the HTTP calls in flight, for the retry log lines (product, location).
 _log_context: contextvars.ContextVar[Mapping[str, object] | None] = contextvars.ContextVar(
@@ -310,13 +312,20 @@ class _PolicyClient(SentinelHubDownloadClient):
                 else:
                     delay = self.policy.backoff(retries)
                 log.warning(
-                    "sentinelhub: %s from %s (attempt %d of %d); retrying in %.3g s",
+                    "sentinelhub: %s from %s; retrying in %.3g s (retry %d of %d)",
                     failure.problem,
                     path,
-                    attempt,
-                    self.policy.max_retries + 1,
                     delay,
-                    extra={**context, "attempt": attempt, "delay_s": delay, "url_path": path},
+                    retries + 1,
+                    self.policy.max_retries,
+                    extra={
+                        **context,
+                        "attempt": attempt,
+                        "retry": retries + 1,
+                        "delay_s": delay,
+                        "url_path": path,
+                        "retry_after": failure.retry_after if failure.rate_limited else None,
+                    },
                 )
                 self.policy.sleep(delay)
                 retries += 1
@@ -370,13 +379,20 @@ class _PolicyClient(SentinelHubDownloadClient):
         return token
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """One HTTP call; transient failures raise :class:`_Transient`, other 4xx are raised."""
+        """One HTTP call; transient failures raise :class:`_Transient`, other 4xx are raised.
+
+        ``timeout_s`` bounds the whole call, body included: ``requests`` alone
+        bounds each socket read, so a server trickling a few bytes at a time
+        could hold a call (and the ingest job) for ever.
+        """
+        deadline = time.monotonic() + self._timeout
         try:
-            response = self._http.request(method, url, timeout=self._timeout, **kwargs)
+            response = self._http.request(method, url, timeout=self._timeout, stream=True, **kwargs)
         except requests.Timeout:
             raise _Transient(f"no reply within {self._timeout:g} s") from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        self._read_body(response, deadline)
         status = response.status_code
         if status < 400 or status == requests.codes.unauthorized:
             return response
@@ -393,6 +409,38 @@ class _PolicyClient(SentinelHubDownloadClient):
         if status == requests.codes.forbidden:
             raise _Transient(f"HTTP {status} ({_server_message(response)})")
         raise _NotRetryableHTTPError(status, _server_message(response))
+
+    def _read_body(self, response: requests.Response, deadline: float) -> None:
+        """Read the body of a streamed reply into ``response.content`` before ``deadline``.
+
+        Raises:
+            _Transient: The deadline passed, or the connection broke mid-body
+                (a reset, fewer bytes than ``Content-Length``).
+        """
+        chunks: list[bytes] = []
+        whole = False
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise _Transient(f"reply not complete within {self._timeout:g} s")
+                # read1: at most one socket read, so the deadline is checked between reads
+                chunk = response.raw.read1(_READ_CHUNK, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            whole = True
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+                raise _Transient(f"no reply within {self._timeout:g} s") from None
+            raise _Transient(f"connection failed mid-reply ({type(exc).__name__})") from None
+        finally:
+            if whole:
+                response.raw.release_conn()  # read to the end: kept alive for the next call
+            else:
+                response.close()  # a connection in an unknown state is not reused
+        # What requests itself does once a streamed body is read: .content, .json() use it.
+        response._content = b"".join(chunks)
+        response._content_consumed = True
 
 
 def _service_collection(base: DataCollection, base_url: str) -> DataCollection:
