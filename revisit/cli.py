@@ -103,14 +103,19 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, *, allow_zero: bool = False) -> float:
     """``90``, ``90s``, ``10m``, ``2h`` or ``1d`` in seconds.
 
+    Args:
+        text: The duration.
+        allow_zero: Accept ``0`` (``0s``, ...) too.
+
     Raises:
-        typer.BadParameter: The text is not such a duration, or is zero.
+        typer.BadParameter: The text is not such a duration, or is zero when
+            that is not allowed.
     """
     match = _DURATION.match(text)
-    if match is None or float(match.group(1)) <= 0:
+    if match is None or (float(match.group(1)) <= 0 and not allow_zero):
         raise typer.BadParameter(f"{text!r} is not a duration like 90s, 10m or 2h")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
@@ -563,7 +568,11 @@ def learn(
 def chips_gc(
     ctx: typer.Context,
     min_age: Annotated[
-        str, typer.Option(help="Only files older than this (an ingest in flight is younger).")
+        str,
+        typer.Option(
+            help="Only files older than this (an ingest in flight is younger); 0s: every "
+            "unreferenced file, safe only while nothing ingests."
+        ),
     ] = "1h",
 ) -> None:
     """Remove chip files no observation names, and temporaries a crash left behind."""
@@ -571,7 +580,7 @@ def chips_gc(
     from revisit.db.scenes import referenced_chip_keys
     from revisit.ingest.chips import ChipStore
 
-    seconds = parse_duration(min_age)
+    seconds = parse_duration(min_age, allow_zero=True)
     settings = _settings(ctx)
     with Database(settings) as db, db.engine.connect() as conn:
         referenced = referenced_chip_keys(conn)

@@ -175,3 +175,9 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(typer.BadParameter):
         parse_duration(text)
+
+
+def test_parse_duration_zero_where_allowed() -> None:
+    assert parse_duration("0s", allow_zero=True) == 0.0
+    with pytest.raises(typer.BadParameter):
+        parse_duration("-1s", allow_zero=True)

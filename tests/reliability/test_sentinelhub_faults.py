@@ -29,19 +29,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from shapely.geometry import box
 
 from revisit.config import IngestSettings
 from revisit.db import aois, cursors
+from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.locations import insert_locations
 from revisit.ingest.chips import TMP_SUFFIX, ChipStore, encode
 from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.pipeline import IngestPipeline
 from revisit.ingest.sources.sentinelhub import RetryPolicy, SentinelHubSource
 from revisit.types import Chip, LocationRef
+from tests.daemon.conftest import Daemon, daemon_env, daemons, data_dir  # noqa: F401
 from tests.ingest.fake_sentinelhub import (
+    CLIENT_SECRET,
     FakeSentinelHub,
     Fault,
     fake_sh_fixture,  # noqa: F401 - the fake_sh fixture
@@ -327,3 +331,60 @@ def test_ingest_rides_out_long_sentinelhub_fault_campaigns(
 ) -> None:
     report = campaign(fake_sh, engine, tmp_path, caplog, seed=seed, days=15, rate=0.2, max_burst=5)
     assert not report.failures, "\n".join(report.failures)
+
+
+@pytest.mark.slow
+def test_the_service_rides_out_a_rate_limit_storm(
+    fake_sh: FakeSentinelHub,
+    daemon_env: dict[str, str],  # noqa: F811
+    daemons: list[Daemon],  # noqa: F811
+) -> None:
+    """``revisit run`` with the sentinelhub source: a 429 storm fails one ingest run, not more."""
+    require_oscd()
+    for day in range(3):
+        fake_sh.add_scene(
+            f"S2A_MSIL2A_2016113{day}T105412_N0204_R051_T31UDQ", T0 + timedelta(days=day), TILE
+        )
+    # Longer than one call's retries (1 + 2): the first ingest run gives up, the next gets through.
+    fake_sh.inject("process", Fault.status(429, retry_after="50"), times=4)
+    env = {
+        **daemon_env,
+        "REVISIT_DAEMON__SOURCES": '["sentinelhub"]',
+        "REVISIT_DAEMON__BOOTSTRAP_BBOX": "[2.325, 48.815, 2.355, 48.845]",
+        "REVISIT_DAEMON__BOOTSTRAP_SPACING_M": "1500",
+        "REVISIT_DAEMON__INGEST_EVERY_S": "3",
+        "REVISIT_INGEST__CHIP_SIZE": "32",
+        "REVISIT_SENTINELHUB__CLIENT_ID": fake_sh.settings().client_id or "",
+        "REVISIT_SENTINELHUB__CLIENT_SECRET": CLIENT_SECRET,
+        "REVISIT_SENTINELHUB__BASE_URL": fake_sh.url,
+        "REVISIT_SENTINELHUB__TOKEN_URL": fake_sh.token_url,
+        "REVISIT_SENTINELHUB__TIMEOUT_S": "2",
+        "REVISIT_SENTINELHUB__MAX_RETRIES": "2",
+        "REVISIT_SENTINELHUB__BACKOFF_S": "0.05",
+    }
+    daemon = Daemon(env)
+    daemons.append(daemon)
+    failed = daemon.wait_for(
+        "a failed ingest run",
+        lambda: next((r for r in daemon.records() if r.get("outcome") == "failed"), None),
+        timeout=180,
+    )
+    assert str(failed.get("job", "")).startswith("ingest:sentinelhub")
+    assert "HTTP 429" in str(failed["message"]) and "after 3 attempts" in str(failed["message"])
+    retries = [r for r in daemon.records() if "retrying in" in str(r.get("message"))]
+    assert [r["delay_s"] for r in retries[:2]] == [0.05, 0.05]  # Retry-After: 50 ms
+
+    def whole() -> int | None:
+        cluster = EmbeddedPostgres(data_dir(daemon_env))
+        with psycopg.connect(cluster.conninfo()) as conn:
+            scenes = conn.execute("SELECT count(*) FROM scene").fetchone()
+            locations = conn.execute("SELECT count(*) FROM location").fetchone()
+            observations = conn.execute("SELECT count(*) FROM observation").fetchone()
+        assert scenes and locations and observations
+        return scenes[0] if scenes[0] == 3 and observations[0] == 3 * locations[0] else None
+
+    daemon.wait_for("all three scenes whole", whole, timeout=120)
+    status, body = daemon.get("/readyz")
+    assert status == 200, body
+    assert daemon.stop() < 60
+    assert daemon.proc.returncode == 0
