@@ -161,6 +161,18 @@ class Fault:
         return cls("expire-token")
 
 
+class Sleeps:
+    """A RetryPolicy sleep that records every delay and waits it for real (they are tiny)."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        if seconds > 0:
+            time.sleep(seconds)
+
+
 @dataclass
 class Hit:
     """One request the fake received: which endpoint, what it answered, when (monotonic)."""

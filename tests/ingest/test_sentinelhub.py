@@ -31,6 +31,7 @@ from tests.ingest.fake_sentinelhub import (
     CLIENT_SECRET,
     FakeSentinelHub,
     Fault,
+    Sleeps,
     band_file,
     fake_sh_fixture,  # noqa: F401 - the fake_sh fixture
     require_oscd,
@@ -53,20 +54,6 @@ class Rejected:
 
     def __call__(self, ref: str, reason: str, detail: str) -> None:
         self.calls.append((ref, reason, detail))
-
-
-class Sleeps:
-    """A RetryPolicy sleep that records delays and waits for real (they are tiny)."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        if seconds > 0:
-            import time
-
-            time.sleep(seconds)
 
 
 def _source(fake: FakeSentinelHub, **overrides: Any) -> SentinelHubSource:

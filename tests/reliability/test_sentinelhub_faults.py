@@ -21,9 +21,9 @@ In the end every scene is whole, exactly as without faults.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,7 @@ from tests.ingest.fake_sentinelhub import (
     CLIENT_SECRET,
     FakeSentinelHub,
     Fault,
+    Sleeps,
     fake_sh_fixture,  # noqa: F401 - the fake_sh fixture
     require_oscd,
 )
@@ -76,17 +77,6 @@ FAULTS = {
     "catalog": COMMON,
     "process": [*COMMON, Fault.expire_token()],
 }
-
-
-class Sleeps:
-    """A RetryPolicy sleep that records every delay and waits it for real."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        time.sleep(seconds)
 
 
 @dataclass
@@ -119,8 +109,6 @@ class FaultReport:
 
 def _expected_chips(fake: FakeSentinelHub, ids: dict[int, tuple[float, float]]) -> dict:
     """(product, location) -> chip sha256, read from the fake with no fault."""
-    import hashlib
-
     source = SentinelHubSource(fake.settings(), chip_size=32)
     try:
         found = list(
