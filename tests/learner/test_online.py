@@ -33,7 +33,10 @@ def _scalar(engine: sa.Engine, query: str) -> object:
         return conn.execute(sa.text(query)).scalar_one()
 
 
-@pytest.mark.parametrize("method", METHODS)
+# CACo, the default, in the default suite; every other method with `make test-all`.
+@pytest.mark.parametrize(
+    "method", [m if m == "caco" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
+)
 def test_each_method_trains_and_its_loss_falls(
     method: str, world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
 ) -> None:
