@@ -8,6 +8,7 @@ own inside it: ``fresh_database_url`` (PostGIS only) or ``database_url``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -97,13 +98,22 @@ def fresh_database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
     _drop_database(pg_cluster, name)
 
 
+@contextlib.contextmanager
+def migrated_database(cluster: EmbeddedPostgres) -> Iterator[str]:
+    """The URL of a new database migrated to head, dropped on leaving."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    _create_database(cluster, name, template=TEMPLATE)
+    try:
+        yield url_of(cluster, name)
+    finally:
+        _drop_database(cluster, name)
+
+
 @pytest.fixture
 def database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
     """A new database migrated to head; dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    _create_database(pg_cluster, name, template=TEMPLATE)
-    yield url_of(pg_cluster, name)
-    _drop_database(pg_cluster, name)
+    with migrated_database(pg_cluster) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from revisit.db import aois, cursors
 from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.locations import insert_locations
 from revisit.ingest.chips import TMP_SUFFIX, ChipStore
-from tests.conftest import TEMPLATE, _create_database, _drop_database, url_of
+from tests.conftest import migrated_database
 from tests.test_cli import revisit
 
 # A 0.05° square in the simulated world's first tile; 12 locations 32 px wide.
@@ -60,10 +59,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def reference_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
     """A second migrated database, for the same ingest with room to spare."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    _create_database(pg_cluster, name, template=TEMPLATE)
-    yield url_of(pg_cluster, name)
-    _drop_database(pg_cluster, name)
+    with migrated_database(pg_cluster) as url:
+        yield url
 
 
 def _setup(url: str) -> None:
