@@ -91,6 +91,11 @@ CATALOG_PATH = "/api/v1/catalog/1.0.0/search"
 PROCESS_PATH = "/api/v1/process"
 ENDPOINTS = {TOKEN_PATH: "token", CATALOG_PATH: "catalog", PROCESS_PATH: "process"}
 
+#: When the OSCD Paris ``imgs_1`` scene was taken (2016-11-30, tile T31UDQ), and
+#: roughly that tile's footprint: scenes added with these cover the Paris crop.
+PARIS_ACQUIRED = datetime(2016, 11, 30, 10, 57, 2, tzinfo=UTC)
+PARIS_TILE = box(1.6, 48.6, 3.1, 49.6)
+
 SCL_CLOUD = (3, 8, 9, 10)
 SCL_CLEAR = (2, 4, 5, 6, 7, 11)
 

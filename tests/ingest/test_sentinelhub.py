@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,8 @@ from revisit.ingest.sources.sentinelhub import RetryPolicy, SentinelHubSource, e
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRef
 from tests.ingest.fake_sentinelhub import (
     CLIENT_SECRET,
+    PARIS_ACQUIRED,
+    PARIS_TILE,
     FakeSentinelHub,
     Fault,
     Sleeps,
@@ -37,8 +39,7 @@ from tests.ingest.fake_sentinelhub import (
     require_oscd,
 )
 
-T0 = datetime(2016, 11, 30, 10, 57, 2, tzinfo=UTC)  # OSCD Paris imgs_1: 2016-11-30, T31UDQ
-TILE = box(1.6, 48.6, 3.1, 49.6)  # roughly T31UDQ
+T0, TILE = PARIS_ACQUIRED, PARIS_TILE
 CENTRE = (2.333, 48.821)  # inside the OSCD Paris crop
 EDGE = (2.3101, 48.821)  # on its western edge: half the chip has data
 FAR = (4.5, 45.0)  # outside the tile

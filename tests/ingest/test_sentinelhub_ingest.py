@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -16,14 +16,15 @@ from revisit.ingest.chips import ChipStore
 from revisit.ingest.pipeline import IngestPipeline
 from revisit.ingest.sources.sentinelhub import SentinelHubSource
 from tests.ingest.fake_sentinelhub import (
+    PARIS_ACQUIRED,
+    PARIS_TILE,
     FakeSentinelHub,
     Fault,
     fake_sh_fixture,  # noqa: F401 - the fake_sh fixture
     require_oscd,
 )
 
-T0 = datetime(2016, 11, 30, 10, 57, 2, tzinfo=UTC)
-TILE = box(1.6, 48.6, 3.1, 49.6)
+T0, TILE = PARIS_ACQUIRED, PARIS_TILE
 INSIDE = [(2.333, 48.821), (2.340, 48.830), (2.350, 48.840)]  # inside the OSCD Paris crop
 SETTINGS = IngestSettings(chip_size=32)
 

@@ -26,7 +26,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -46,6 +46,8 @@ from revisit.types import Chip, LocationRef
 from tests.daemon.conftest import Daemon, daemon_env, daemons, data_dir  # noqa: F401
 from tests.ingest.fake_sentinelhub import (
     CLIENT_SECRET,
+    PARIS_ACQUIRED,
+    PARIS_TILE,
     FakeSentinelHub,
     Fault,
     Sleeps,
@@ -53,8 +55,7 @@ from tests.ingest.fake_sentinelhub import (
     require_oscd,
 )
 
-T0 = datetime(2016, 11, 30, 10, 57, 2, tzinfo=UTC)
-TILE = box(1.6, 48.6, 3.1, 49.6)
+T0, TILE = PARIS_ACQUIRED, PARIS_TILE
 INSIDE = [(2.333, 48.821), (2.340, 48.830), (2.350, 48.840), (2.345, 48.825)]
 SETTINGS = IngestSettings(chip_size=32)
 TIMEOUT_S = 0.4
