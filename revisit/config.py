@@ -202,6 +202,59 @@ class LearnerSettings(_Section):
     )
     seed: int = Field(default=0, ge=0, description="Seed of mining, augmentation and weights.")
     threads: int = Field(default=0, ge=0, le=256, description="Torch threads; 0: torch's default.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where the step runs; auto: cuda when available, else cpu.",
+    )
+    normalization: Literal["data", "none"] = Field(
+        default="data",
+        description=(
+            "Input standardisation of a new model: per-band mean and std estimated from the"
+            " chips it first trains on (data), frozen into the checkpoint; none: identity."
+        ),
+    )
+    normalization_chips: int = Field(
+        default=512, ge=1, le=100_000, description="Chips the band statistics are estimated on."
+    )
+    augment: Literal["spectral", "geometric", "band-jitter"] = Field(
+        default="spectral",
+        description=(
+            "Augmentation policy: spectral (crop, flips, global gain, mild blur, noise),"
+            " geometric (crop, flips) or band-jitter (per-band brightness and contrast)."
+        ),
+    )
+    crop_size: int = Field(
+        default=32,
+        ge=0,
+        le=1024,
+        description=(
+            "Side of the training views in pixels (query crops; key images are resized to it);"
+            " 0: the chip's own size."
+        ),
+    )
+    crop_scale: tuple[float, float] = Field(
+        default=(0.15, 0.6),
+        description="Range of a query crop's share of the chip's area.",
+    )
+    channels_last: bool = Field(
+        default=True, description="Run convolutions in channels-last memory format."
+    )
+    lr_warmup_steps: int = Field(
+        default=100, ge=0, description="Steps of linear learning-rate warm-up from 0."
+    )
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description="After the warm-up: cosine decay over lr_horizon_steps, or constant.",
+    )
+    lr_horizon_steps: int = Field(
+        default=5000, ge=1, description="Step at which the cosine decay reaches its floor."
+    )
+    lr_min_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Floor of the cosine decay as a share of lr; the rate stays there after.",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> LearnerSettings:
@@ -209,6 +262,11 @@ class LearnerSettings(_Section):
             raise ValueError("short_min_days must be below short_max_days")
         if self.queue_size < self.batch_size:
             raise ValueError("queue_size must be at least batch_size")
+        if 0 < self.crop_size < 32:
+            raise ValueError("crop_size must be 0 (the chip's size) or at least 32 pixels")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("crop_scale must satisfy 0 < min <= max <= 1")
         return self
 
 

@@ -15,7 +15,9 @@ Two modules are cut from a :class:`~revisit.learner.heads.ContrastiveModel`:
 
 Both take float32 reflectance, shape (N, 12, H, W), bands in
 :data:`~revisit.types.CANONICAL_BANDS` order, ``DN * 1e-4``: the consumer
-scales. The batch *and* the spatial sizes are dynamic (the encoder ends in a
+scales; the graph standardises each band itself (the statistics frozen into the
+model, recorded as ``band_mean`` and ``band_std``), so consumers never do. The
+batch *and* the spatial sizes are dynamic (the encoder ends in a
 global average pool and has no data-dependent control flow); 32 pixels is the
 smallest side the network is meant for (total stride 32).
 
@@ -91,6 +93,8 @@ METADATA_KEYS: tuple[str, ...] = (
     "min_size",  # "32"
     "bands",  # "B01,B02,...,B12"
     "scale",  # "0.0001": input = DN * scale
+    "band_mean",  # the standardisation inside the graph: 12 means of DN * scale, comma-separated
+    "band_std",  # and 12 standard deviations ("0,...,0" and "1,...,1": none)
     "patch_size",  # the chip side the model was trained on
     "method",
     "step",
@@ -117,7 +121,7 @@ class FeatureModel(nn.Module):
 
     def __init__(self, model: ContrastiveModel) -> None:
         super().__init__()
-        self.encoder = copy.deepcopy(model.encoder)
+        self.encoder = copy.deepcopy(model.encoder).cpu()
         self.output_dim = int(self.encoder.feature_dim)
         self.eval()
         self.requires_grad_(False)
@@ -146,11 +150,11 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, model: ContrastiveModel) -> None:
         super().__init__()
-        self.encoder = copy.deepcopy(model.key_encoder)
+        self.encoder = copy.deepcopy(model.key_encoder).cpu()
         head = model.key_heads[0]
         if not isinstance(head, ProjectionHead):  # nn.ModuleList is untyped
             raise TypeError(f"key head 0 is a {type(head).__name__}, not a ProjectionHead")
-        self.head = copy.deepcopy(head)
+        self.head = copy.deepcopy(head).cpu()
         last = self.head.net[-1]
         if not isinstance(last, nn.Linear):
             raise TypeError(f"key head 0 ends in a {type(last).__name__}, not a Linear")
@@ -199,6 +203,7 @@ def model_metadata(
         Strings by key.
     """
     is_embedding = isinstance(module, EmbeddingModel)
+    normalize = module.encoder.normalize
     stamp = (created_at or datetime.now(UTC)).astimezone(UTC)
     return {
         "format": "revisit-onnx/1",
@@ -214,6 +219,8 @@ def model_metadata(
         "min_size": str(MIN_SIZE),
         "bands": ",".join(CANONICAL_BANDS),
         "scale": repr(DN_SCALE),
+        "band_mean": ",".join(repr(float(v)) for v in normalize.mean.tolist()),
+        "band_std": ",".join(repr(float(v)) for v in normalize.std.tolist()),
         "patch_size": str(int(patch_size)),
         "method": method,
         "step": str(int(step)),

@@ -16,7 +16,8 @@ used here):
     stride 1), giving a 64-d feature vector per pixel and date. The input is
     each date's bands **standardised** over its own valid pixels (per band:
     ``(DN - mean) / std``, the normalisation change-vector analysis uses), with
-    no-data pixels set to 0 (the band mean). A pixel's score is the Euclidean
+    no-data pixels set to 0 (the band mean); the model's own fixed input
+    standardisation, the graph's first nodes, is skipped. A pixel's score is the Euclidean
     distance between its two feature vectors. Deeper layers see 32x32 pixels
     at once (total stride 32): too coarse for OSCD's changes, which are a few
     pixels wide; on the four OSCD cities the stem on standardised bands scores
@@ -509,11 +510,27 @@ def _cut_stem(proto: onnx.ModelProto, model: Path) -> tuple[onnx.ModelProto, str
     def consumers(name: str) -> list[onnx.NodeProto]:
         return [node for node in graph.node if name in node.input]
 
-    convs = [node for node in consumers(input_name) if node.op_type == "Conv"]
+    # The model's own input standardisation (Sub and Div by constants) is skipped:
+    # dense scoring standardises each date over its own valid pixels instead.
+    head = input_name
+    while True:
+        # A Shape node may read the input too (for the batch size of a later reshape).
+        nodes = [node for node in consumers(head) if node.op_type != "Shape"]
+        if (
+            len(nodes) == 1
+            and nodes[0].op_type in ("Sub", "Div", "Mul", "Add")
+            and nodes[0].input[0] == head
+            and nodes[0].input[1] in initializers
+        ):
+            head = nodes[0].output[0]
+            continue
+        break
+    convs = [node for node in consumers(head) if node.op_type == "Conv"]
     if len(convs) != 1:
         raise ExportError(f"{model}: no single convolution reads the input {input_name!r}")
     conv = onnx.NodeProto()
     conv.CopyFrom(convs[0])
+    conv.input[0] = input_name
     chain = [conv]
     following = consumers(conv.output[0])
     if len(following) == 1 and following[0].op_type == "BatchNormalization":

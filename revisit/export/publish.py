@@ -81,7 +81,7 @@ from revisit.export.onnx import (
 from revisit.fsutil import fsync_dir, sha256_file, write_bytes_atomic
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
-from revisit.learner.heads import ContrastiveModel
+from revisit.learner.heads import ContrastiveModel, upgrade_model_state
 from revisit.learner.trainer import Trainer
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
@@ -229,8 +229,13 @@ def load_model(data_dir: Path, version: learning.ModelVersionRow) -> Contrastive
         )
     try:
         settings = LearnerSettings.model_validate(payload.get("settings") or {})
-        trainer = Trainer(settings.model_copy(update={"method": version.method}))
-        trainer.model.load_state_dict(payload["trainer"]["model"])
+        # Exports run on the CPU, whatever device trained the model.
+        trainer = Trainer(
+            settings.model_copy(
+                update={"method": version.method, "device": "cpu", "channels_last": False}
+            )
+        )
+        trainer.model.load_state_dict(upgrade_model_state(payload["trainer"]["model"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ExportError(
             f"checkpoint {version.checkpoint_key} of model version {version.id} does not"

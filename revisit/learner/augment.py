@@ -12,7 +12,19 @@ so a CPU generator can drive augmentations of a batch on an accelerator. For a
 given generator state, batch shape and configuration, the result is always the same.
 
 :class:`Augment` composes them in MoCo v2's order: random resized crop, flips and
-90-degree rotations, per-band brightness/contrast jitter, Gaussian blur.
+90-degree rotations, a colour step (a global gain, or per-band jitter), Gaussian
+blur, sensor noise. :func:`policy_augment` builds the learner's named policies
+(``learner.augment``):
+
+- ``spectral`` (the default): crop, flips/rotations, a small *global* gain
+  (every band of an image scaled by one factor), mild blur and sensor noise.
+  Each keeps spectral identity: band ratios such as NDVI, which separate land
+  covers, are unchanged by a global gain, and noise and blur are what a second
+  acquisition of the same ground looks like.
+- ``geometric``: crop and flips/rotations only.
+- ``band-jitter``: the MoCo-style policy the learner had first: per-band
+  brightness and contrast (±10 % a band, which moves band ratios by up to ~20 %
+  and so teaches invariance to what tells forest from pasture), stronger blur.
 """
 
 from __future__ import annotations
@@ -25,12 +37,19 @@ from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "AUGMENT_POLICIES",
     "Augment",
     "band_jitter",
     "flip_rotate",
     "gaussian_blur",
+    "gaussian_noise",
+    "global_gain",
+    "policy_augment",
     "random_resized_crop",
 ]
+
+#: The named augmentation policies of ``learner.augment``.
+AUGMENT_POLICIES: tuple[str, ...] = ("spectral", "geometric", "band-jitter")
 
 
 def _check_batch(x: Tensor) -> None:
@@ -235,6 +254,71 @@ def band_jitter(
     return mean + factor * (x - mean) + shift * mean
 
 
+def global_gain(
+    x: Tensor, *, generator: torch.Generator, gain: float = 0.05, p: float = 0.8
+) -> Tensor:
+    """Scale every band of an image by one random factor, as a change of illumination does.
+
+    With probability ``p`` an image is multiplied by a factor uniform in
+    [1 - gain, 1 + gain], the same for all its bands, so band ratios (NDVI and
+    the like) are unchanged.
+
+    Args:
+        x: (N, C, H, W) float.
+        generator: Source of randomness.
+        gain: Largest relative change; 0.05 by default.
+        p: Probability that an image is scaled; 0.8 by default.
+
+    Returns:
+        (N, C, H, W), the same dtype.
+
+    Raises:
+        ValueError: For a bad batch, ``gain`` outside [0, 1) or ``p`` outside [0, 1].
+    """
+    _check_batch(x)
+    if not 0.0 <= gain < 1.0:
+        raise ValueError(f"gain must be in [0, 1), got {gain}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    n = x.shape[0]
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
+    factor = 1.0 + apply * _uniform((n, 1, 1, 1), -gain, gain, generator, x)
+    return x * factor
+
+
+def gaussian_noise(
+    x: Tensor, *, generator: torch.Generator, sigma: float = 0.003, p: float = 0.5
+) -> Tensor:
+    """Add white Gaussian noise to an image, with probability ``p``, as sensor noise.
+
+    The noise's standard deviation is drawn per image uniformly in [0, ``sigma``],
+    in reflectance units (Sentinel-2's radiometric noise is of the order of 0.001
+    to 0.003 in reflectance); each pixel of each band gets its own draw.
+
+    Args:
+        x: (N, C, H, W) float reflectance.
+        generator: Source of randomness.
+        sigma: Largest noise standard deviation; 0.003 by default.
+        p: Probability that an image gets noise; 0.5 by default.
+
+    Returns:
+        (N, C, H, W), the same dtype.
+
+    Raises:
+        ValueError: For a bad batch, a negative ``sigma`` or ``p`` outside [0, 1].
+    """
+    _check_batch(x)
+    if sigma < 0.0:
+        raise ValueError(f"sigma must be non-negative, got {sigma}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    n = x.shape[0]
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
+    scale = apply * _uniform((n, 1, 1, 1), 0.0, sigma, generator, x)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return x + scale * noise.to(device=x.device, dtype=x.dtype)
+
+
 def gaussian_blur(
     x: Tensor,
     *,
@@ -293,7 +377,7 @@ def gaussian_blur(
 
 @dataclass(frozen=True, kw_only=True)
 class Augment:
-    """The learner's augmentation: crop, flips/rotations, band jitter, blur.
+    """The learner's augmentation: crop, flips/rotations, gain or band jitter, blur, noise.
 
     Call it as ``augment(x, generator)`` on a (N, C, H, W) float batch; each image
     gets its own parameters. The output is float32 and finite for finite input.
@@ -313,6 +397,10 @@ class Augment:
         jitter_p: Probability of jittering an image's bands; 0.8. 0 disables it.
         blur_sigma: Range of the blur's sigma, in pixels; (0.1, 2.0).
         blur_p: Probability of blurring an image; 0.5. 0 disables it.
+        gain: Largest relative global gain (all bands alike); 0.05.
+        gain_p: Probability of a global gain; 0 (off) by default.
+        noise_sigma: Largest sensor-noise standard deviation (reflectance); 0.003.
+        noise_p: Probability of sensor noise; 0 (off) by default.
 
     Raises:
         ValueError: At construction, for an invalid setting.
@@ -330,6 +418,10 @@ class Augment:
     jitter_p: float = 0.8
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_p: float = 0.5
+    gain: float = 0.05
+    gain_p: float = 0.0
+    noise_sigma: float = 0.003
+    noise_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.size is not None and min(_pair(self.size)) < 1:
@@ -344,6 +436,8 @@ class Augment:
             ("vflip_p", self.vflip_p),
             ("jitter_p", self.jitter_p),
             ("blur_p", self.blur_p),
+            ("gain_p", self.gain_p),
+            ("noise_p", self.noise_p),
             ("contrast", self.contrast),
         ):
             if not 0.0 <= p <= 1.0:
@@ -352,6 +446,10 @@ class Augment:
             raise ValueError(f"brightness must be non-negative, got {self.brightness}")
         if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+        if not 0.0 <= self.gain < 1.0:
+            raise ValueError(f"gain must be in [0, 1), got {self.gain}")
+        if self.noise_sigma < 0.0:
+            raise ValueError(f"noise_sigma must be non-negative, got {self.noise_sigma}")
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Augment a batch.
@@ -388,6 +486,45 @@ class Augment:
                 contrast=self.contrast,
                 p=self.jitter_p,
             )
+        if self.gain_p > 0.0:
+            x = global_gain(x, generator=generator, gain=self.gain, p=self.gain_p)
         if self.blur_p > 0.0:
             x = gaussian_blur(x, generator=generator, sigma=self.blur_sigma, p=self.blur_p)
+        if self.noise_p > 0.0:
+            x = gaussian_noise(x, generator=generator, sigma=self.noise_sigma, p=self.noise_p)
         return x
+
+
+def policy_augment(
+    policy: str, *, size: int | None = None, crop_scale: tuple[float, float] = (0.4, 1.0)
+) -> Augment:
+    """The augmentation of a named policy (see the module docstring).
+
+    Args:
+        policy: One of :data:`AUGMENT_POLICIES`.
+        size: Output side (the training crop); None keeps the input's.
+        crop_scale: Range of the crop box's share of the input's area.
+
+    Returns:
+        The :class:`Augment`.
+
+    Raises:
+        ValueError: For an unknown policy.
+    """
+    common = {"size": size, "crop_scale": crop_scale}
+    if policy == "spectral":
+        return Augment(
+            **common,
+            jitter_p=0.0,
+            gain=0.05,
+            gain_p=0.8,
+            blur_sigma=(0.1, 1.0),
+            blur_p=0.3,
+            noise_sigma=0.003,
+            noise_p=0.5,
+        )
+    if policy == "geometric":
+        return Augment(**common, jitter_p=0.0, blur_p=0.0)
+    if policy == "band-jitter":
+        return Augment(**common)
+    raise ValueError(f"augmentation policy must be one of {AUGMENT_POLICIES}, got {policy!r}")

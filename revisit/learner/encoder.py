@@ -7,7 +7,13 @@ the output is the globally average-pooled 512-d feature vector. It is written he
 rather than taken from torchvision, which the service does not depend on.
 
 Model input is reflectance as DN / 10000 (:func:`scale_dn`), bands in
-:data:`revisit.types.CANONICAL_BANDS` order.
+:data:`revisit.types.CANONICAL_BANDS` order. The first module is a fixed
+per-band standardisation (:class:`BandNormalize`): reflectance of 0-0.3 straight
+into a Kaiming-initialised convolution leaves the dark bands (B01, B09) all but
+silent and lets the bright NIR bands dominate every filter. Its mean and standard
+deviation per band are buffers, estimated once from the chips the learner first
+trains on (:func:`band_statistics`) and frozen into the checkpoint and the ONNX
+graph, so the exported models' input contract stays DN / 10000.
 
 ``forward`` has no data-dependent control flow, so the module can be exported with
 ``torch.onnx.export(..., dynamo=True)`` with dynamic batch and spatial sizes.
@@ -15,12 +21,16 @@ Model input is reflectance as DN / 10000 (:func:`scale_dn`), bands in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
-__all__ = ["BasicBlock", "ResNet18Encoder", "scale_dn"]
+__all__ = ["BandNormalize", "BasicBlock", "ResNet18Encoder", "band_statistics", "scale_dn"]
 
 
 def scale_dn(x: Tensor) -> Tensor:
@@ -39,6 +49,86 @@ def scale_dn(x: Tensor) -> Tensor:
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"scale_dn expects integer digital numbers, got dtype {x.dtype}")
     return x.to(torch.float32) * DN_SCALE
+
+
+def band_statistics(chips: npt.NDArray[np.integer]) -> tuple[list[float], list[float]]:
+    """Per-band mean and standard deviation of chips, in reflectance (DN / 10000).
+
+    Only pixels with data in every band count: a DN of 0 is Sentinel-2's no-data
+    value, and a pixel with it in any band is left out, so chip edges outside a
+    product's footprint do not pull the mean towards 0.
+
+    Args:
+        chips: (N, C, H, W) integer DN, as chips store them.
+
+    Returns:
+        (mean, std), C floats each; std is at least 1e-4 (a constant band does not
+        divide by zero).
+
+    Raises:
+        ValueError: If ``chips`` is not 4-d integers, or no pixel has data in every band.
+    """
+    if chips.ndim != 4 or not np.issubdtype(chips.dtype, np.integer):
+        raise ValueError(f"expected (N, C, H, W) integer DN, got {chips.dtype} {chips.shape}")
+    pixels = np.moveaxis(chips, 1, -1).reshape(-1, chips.shape[1])
+    pixels = pixels[(pixels > 0).all(axis=1)].astype(np.float64) * DN_SCALE
+    if pixels.shape[0] == 0:
+        raise ValueError("no pixel has data in every band: cannot estimate band statistics")
+    mean = pixels.mean(axis=0)
+    std = np.maximum(pixels.std(axis=0), 1e-4)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+class BandNormalize(nn.Module):
+    """A fixed per-band standardisation, ``(x - mean) / std``, with the statistics as buffers.
+
+    It starts as the identity (mean 0, std 1) and gets its statistics once, by
+    :meth:`set_statistics`; nothing trains them. Being buffers, they travel with
+    ``state_dict`` (checkpoints), with ``.to(device)`` and into the ONNX graph.
+
+    Args:
+        channels: Number of bands.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def set_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the mean and standard deviation (reflectance units, one per band).
+
+        Raises:
+            ValueError: For the wrong number of values, a non-finite value or a std <= 0.
+        """
+        m = torch.as_tensor(list(mean), dtype=torch.float32)
+        s = torch.as_tensor(list(std), dtype=torch.float32)
+        n = self.mean.numel()
+        if m.shape != (n,) or s.shape != (n,):
+            raise ValueError(f"need {n} means and {n} stds, got {m.numel()} and {s.numel()}")
+        if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(s).all())):
+            raise ValueError("band statistics must be finite")
+        if bool((s <= 0).any()):
+            raise ValueError(f"band stds must be positive, got {s.tolist()}")
+        self.mean.copy_(m)
+        self.std.copy_(s)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether no statistics were set (mean 0, std 1: the input passes unchanged)."""
+        return bool((self.mean == 0).all()) and bool((self.std == 1).all())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Standardise (N, C, H, W) reflectance band by band."""
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        """The band count, for ``repr``."""
+        return f"channels={self.mean.numel()}"
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -89,6 +179,7 @@ class BasicBlock(nn.Module):
 class ResNet18Encoder(nn.Module):
     """ResNet-18 backbone for multispectral chips, ending in 512-d pooled features.
 
+    Input: :class:`BandNormalize` (identity until its statistics are set).
     Stem: 7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max-pool, as in the
     ImageNet ResNet; the total stride is 32, so a 32x32 chip reaches layer4 at 1x1 and
     the default 64x64 chip at 2x2. Any chip of 32 pixels or more works.
@@ -112,6 +203,7 @@ class ResNet18Encoder(nn.Module):
         if in_channels < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.in_channels = in_channels
+        self.normalize = BandNormalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -157,6 +249,6 @@ class ResNet18Encoder(nn.Module):
             raise ValueError(
                 f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.mean(dim=(2, 3))

@@ -11,7 +11,8 @@ Everything here is pure PyTorch; the losses live in ``revisit.learner.losses``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,48 @@ __all__ = [
     "deactivate_requires_grad",
     "l2_normalize",
     "update_momentum",
+    "upgrade_model_state",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: The normalisation buffers a model state holds since the input standardisation.
+_NORMALIZE_BUFFERS = (
+    "encoder.normalize.mean",
+    "encoder.normalize.std",
+    "key_encoder.normalize.mean",
+    "key_encoder.normalize.std",
+)
+
+
+def upgrade_model_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Migrate a :class:`ContrastiveModel` state saved before the input standardisation.
+
+    Such a model was trained on raw reflectance; giving it identity statistics
+    (mean 0, std 1) makes it compute exactly what it always did. A state that
+    has the buffers comes back unchanged.
+
+    Args:
+        state: A model ``state_dict``.
+
+    Returns:
+        The state with every normalisation buffer present.
+    """
+    out = dict(state)
+    missing = [name for name in _NORMALIZE_BUFFERS if name not in out]
+    if not missing:
+        return out
+    weight = out.get("encoder.conv1.weight")
+    channels = int(weight.shape[1]) if weight is not None else len(CANONICAL_BANDS)
+    for name in missing:
+        fill = torch.zeros if name.endswith("mean") else torch.ones
+        out[name] = fill(channels)
+    logger.warning(
+        "migrated a model state from before the input standardisation: identity band"
+        " statistics, so it computes what it did; a new model (--new-model) gets statistics"
+        " of its training chips"
+    )
+    return out
 
 
 def l2_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
@@ -342,6 +384,19 @@ class ContrastiveModel(nn.Module):
             raise ValueError("this ContrastiveModel has no geo head (geo_classes=None)")
         out: Tensor = self.geo_head(projection)
         return out
+
+    def set_band_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the input standardisation of the query and the key encoder alike.
+
+        Args:
+            mean: Per-band mean of reflectance (DN / 10000), canonical band order.
+            std: Per-band standard deviation.
+
+        Raises:
+            ValueError: As :meth:`BandNormalize.set_statistics`.
+        """
+        self.encoder.normalize.set_statistics(mean, std)
+        self.key_encoder.normalize.set_statistics(mean, std)
 
     def momentum_update(self, m: float | None = None) -> None:
         """Move the key encoder and key heads towards the query side.

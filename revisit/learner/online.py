@@ -37,7 +37,7 @@ import torch
 import revisit
 from revisit.config import Settings
 from revisit.db import learning
-from revisit.errors import DegenerateRatiosError, LearnerError
+from revisit.errors import ChipStoreError, DegenerateRatiosError, LearnerError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.change import ChangeMixture, fit_change_mixture
@@ -45,7 +45,8 @@ from revisit.learner.estimates import ChangeState
 from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
 from revisit.learner.loader import BatchLoader
 from revisit.learner.mining import MiningPolicy
-from revisit.learner.trainer import Trainer, default_augment
+from revisit.learner.encoder import band_statistics
+from revisit.learner.trainer import Trainer, learner_augment
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -160,6 +161,7 @@ class OnlineLearner:
         self._last_checkpoint_step = 0
         self._broken: str | None = None
         self._recent_losses: list[float] = []
+        self._needs_band_statistics = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -251,6 +253,9 @@ class OnlineLearner:
                 latest.step,
                 latest.checkpoint_key,
             )
+        # A new model estimates its input standardisation before its first step; a
+        # resumed one has it (or, migrated from before it, keeps the identity).
+        self._needs_band_statistics = payload is None and self.config.normalization == "data"
         self.step = max(latest.step if latest is not None else 0, last_event_step)
         self.model_version_id = latest.id if latest is not None else None
         self._last_checkpoint_step = self.step
@@ -293,7 +298,7 @@ class OnlineLearner:
         self._loader = BatchLoader(
             fetch=self._fetch,
             store=self.store,
-            augment=default_augment(),
+            augment=learner_augment(self.config),
             policy=MiningPolicy(
                 short_min_days=c.short_min_days,
                 short_max_days=c.short_max_days,
@@ -415,6 +420,8 @@ class OnlineLearner:
         step = batch.step
         if step != self.step + 1:
             raise LearnerError(f"the loader gave step {step}, expected {self.step + 1}")
+        if self._needs_band_statistics:
+            self._estimate_band_statistics()
         tuples = batch.tuples
         locations = tuples.location_id.tolist()
         warm = step > self.config.warmup_steps and self.mixture is not None
@@ -454,6 +461,47 @@ class OnlineLearner:
             changed_fraction=self.state.changed_fraction(),
             measured=len(self.state),
             checkpointed=checkpointed,
+        )
+
+    def _estimate_band_statistics(self) -> None:
+        """Freeze a new model's input standardisation: band statistics of a sample of chips.
+
+        Up to ``learner.normalization_chips`` usable observations, drawn uniformly
+        with the learner's seed from what the database holds now, are read (each
+        checked against its hash); :func:`band_statistics` gives the per-band mean
+        and standard deviation of their valid pixels. They go into the model, and
+        from the next checkpoint on they are the model's for good.
+
+        Raises:
+            LearnerError: No chip could be read.
+        """
+        table = self._fetch(0)
+        rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0x6E6F726D]))
+        n = min(len(table), self.config.normalization_chips)
+        rows = np.sort(rng.choice(len(table), size=n, replace=False)) if n else []
+        chips = []
+        for row in rows:
+            try:
+                chips.append(self.store.get(table.chip_key[row], table.chip_sha256[row]))
+            except ChipStoreError as exc:
+                logger.warning("band statistics skip observation %d: %s", table.id[row], exc)
+        shapes = {chip.shape for chip in chips}
+        if not chips or len(shapes) != 1:
+            raise LearnerError(
+                f"cannot estimate band statistics: {len(chips)} readable chips of shapes "
+                f"{sorted(shapes)}; check the chip store (revisit chips verify)"
+            )
+        try:
+            mean, std = band_statistics(np.stack(chips))
+        except ValueError as exc:
+            raise LearnerError(f"cannot estimate band statistics: {exc}") from exc
+        self.trainer.set_band_statistics(mean, std)
+        self._needs_band_statistics = False
+        logger.info(
+            "input standardisation estimated on %d chips: mean %s, std %s",
+            len(chips),
+            " ".join(f"{v:.4f}" for v in mean),
+            " ".join(f"{v:.4f}" for v in std),
         )
 
     def refit(self) -> ChangeMixture | None:

@@ -22,11 +22,22 @@ The methods (each a row of the comparison table):
   SeCo's views; R on the invariant head.
 
 The key side sees un-augmented images (k+ of a location without a second date is
-a second augmented view of q); the query side sees the augmented view.
+a second augmented view of q), resized to the training crop size; the query side
+sees the augmented view, a random crop of that size.
+
+The recipe for a CPU budget (DESIGN §4): crops smaller than the chip
+(``learner.crop_size``, 32 px by default: a quarter of the 64 px chip's FLOPs per
+view), channels-last convolutions, a linear learning-rate warm-up followed by a
+cosine decay (:func:`learning_rate`, a pure function of the step, so a resumed
+learner takes the rate the uninterrupted one would have). ``learner.device``
+selects the CPU or a CUDA device; on CUDA the forward passes run under bf16
+autocast and batches travel through pinned memory. Checkpoints hold CPU tensors
+whatever the device.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -34,11 +45,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from revisit.config import LearnerSettings
-from revisit.learner.augment import Augment
+from revisit.learner.augment import Augment, policy_augment
 from revisit.learner.change import change_ratio
-from revisit.learner.heads import ContrastiveModel, KeyQueue, l2_normalize
+from revisit.learner.heads import ContrastiveModel, KeyQueue, l2_normalize, upgrade_model_state
 from revisit.learner.loader import TrainBatch
 from revisit.learner.losses import (
     CACoMode,
@@ -87,17 +99,77 @@ def effective_lr(settings: LearnerSettings) -> float:
     return settings.lr * settings.batch_size / 256
 
 
-def default_augment() -> Augment:
-    """The augmentation the learner trains with (valid for all 12 bands)."""
-    return Augment(crop_scale=(0.4, 1.0))
+def learning_rate(settings: LearnerSettings, step: int) -> float:
+    """The SGD rate of a step: linear warm-up, then cosine decay to a floor (or constant).
+
+    Step 1 .. ``lr_warmup_steps`` ramp linearly up to :func:`effective_lr`; with the
+    ``cosine`` schedule the rate then falls along half a cosine to
+    ``lr_min_ratio`` of it at step ``lr_horizon_steps`` and stays there (an online
+    learner keeps going past any horizon).
+
+    Args:
+        settings: The learner settings.
+        step: The step about to be taken (1-based).
+
+    Returns:
+        The rate.
+    """
+    base = effective_lr(settings)
+    warmup = settings.lr_warmup_steps
+    if warmup > 0 and step <= warmup:
+        return base * step / warmup
+    if settings.lr_schedule == "constant":
+        return base
+    span = max(settings.lr_horizon_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    floor = settings.lr_min_ratio
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def learner_augment(settings: LearnerSettings) -> Augment:
+    """The augmentation the learner trains with: its policy at its crop size."""
+    return policy_augment(
+        settings.augment,
+        size=settings.crop_size or None,
+        crop_scale=settings.crop_scale,
+    )
+
+
+def resolve_device(setting: str) -> torch.device:
+    """The torch device of ``learner.device``.
+
+    Raises:
+        ValueError: ``cuda`` is asked for but PyTorch sees no CUDA device.
+    """
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("learner.device is cuda, but PyTorch sees no CUDA device")
+    return torch.device(setting)
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a (nested) state with every tensor on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
 
 
 class Trainer:
     """Model, optimiser and the step of one method.
 
     Args:
-        settings: The learner settings (method, sizes, optimiser).
+        settings: The learner settings (method, sizes, optimiser, device).
         seed: Seed of the initial weights.
+
+    Raises:
+        ValueError: For an unknown method, or a CUDA device PyTorch does not see.
     """
 
     def __init__(self, settings: LearnerSettings, *, seed: int | None = None) -> None:
@@ -114,6 +186,9 @@ class Trainer:
                 momentum=settings.momentum,
                 geo_classes=settings.geo_clusters if self.method == "geo-tp" else None,
             )
+        self.device = resolve_device(settings.device)
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model.to(device=self.device, memory_format=self.memory_format)
         self.model.train()
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -123,13 +198,43 @@ class Trainer:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Model (both encoders, heads, queues) and optimiser state."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model (both encoders, heads, queues) and optimiser state, as CPU tensors."""
+        return _to_cpu({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` gave."""
-        self.model.load_state_dict(state["model"])
+        """Restore what :meth:`state_dict` gave, onto this trainer's device.
+
+        A model state from before the input standardisation is migrated with
+        identity statistics (:func:`~revisit.learner.heads.upgrade_model_state`).
+        """
+        self.model.load_state_dict(upgrade_model_state(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
+
+    @property
+    def has_band_statistics(self) -> bool:
+        """Whether the encoder's input standardisation is set (not the identity)."""
+        return not self.model.encoder.normalize.is_identity
+
+    def set_band_statistics(self, mean: list[float], std: list[float]) -> None:
+        """Freeze the input standardisation of both encoders (see :func:`band_statistics`)."""
+        self.model.set_band_statistics(mean, std)
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        if self.device.type != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _key_view(self, x: Tensor) -> Tensor:
+        """Un-augmented images at the training crop size (the whole chip, resized)."""
+        size = self.settings.crop_size
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return self._to_device(x)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
 
     def _queue(self, head: int) -> KeyQueue:
         queue = self.model.queues[head]
@@ -154,20 +259,28 @@ class Trainer:
         model = self.model
         n = batch.x_query.shape[0]
         valid = batch.longterm_valid
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.settings, batch.step)
         # Key side on the un-augmented images: R's embeddings and the keys of the loss.
-        keyed = torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)
-        keys = model.key(keyed)
+        keyed = self._key_view(
+            torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)
+        )
+        with self._autocast():
+            keys = [k.float() for k in model.key(keyed)]
         f_query, f_positive = keys[0][:n], keys[0][n : 2 * n]
         f_longterm = torch.zeros_like(f_query)
-        f_longterm[valid] = keys[0][2 * n :]
+        f_longterm[valid.to(self.device)] = keys[0][2 * n :]
 
         if self.method == "seco":
             assert_views = batch.seco_views
             if assert_views is None:
                 raise ValueError("a seco batch needs its SeCo views")
             k0, k1, k2 = assert_views
-            seco_keys = model.key(torch.cat([k0, k1, k2], dim=0))
-            queries = model.query(batch.query_view)
+            with self._autocast():
+                seco_keys = [
+                    k.float() for k in model.key(self._key_view(torch.cat([k0, k1, k2], dim=0)))
+                ]
+                queries = [q.float() for q in model.query(self._to_device(batch.query_view))]
             views = [
                 SeCoViews(
                     query=queries[h],
@@ -182,15 +295,16 @@ class Trainer:
             # Each head's queue holds its past positives: k0, k2, k1 (see seco_loss).
             enqueue = [seco_keys[0][:n], seco_keys[1][2 * n :], seco_keys[2][n : 2 * n]]
         else:
-            query = model.query(batch.query_view)[0]
+            with self._autocast():
+                query = model.query(self._to_device(batch.query_view))[0].float()
             positive = f_query if self.method == "moco" else f_positive
             loss = caco_loss(
                 query,
                 positive,
                 f_longterm,
                 self._queue_keys(0),
-                changed=torch.from_numpy(np.asarray(changed, dtype=bool)),
-                longterm_valid=valid,
+                changed=torch.from_numpy(np.asarray(changed, dtype=bool)).to(self.device),
+                longterm_valid=valid.to(self.device),
                 temperature=self.settings.temperature,
                 mode=_CACO_MODE[self.method],
             )
@@ -198,7 +312,7 @@ class Trainer:
                 if batch.cluster_id is None:
                     raise ValueError("a geo-tp batch needs cluster ids")
                 loss = loss + geo_classification_loss(
-                    model.geo_logits(l2_normalize(query)), batch.cluster_id
+                    model.geo_logits(l2_normalize(query)), batch.cluster_id.to(self.device)
                 )
             enqueue = [positive]
 
@@ -209,7 +323,9 @@ class Trainer:
         for head, k in enumerate(enqueue):
             self._queue(head).enqueue(k)
 
-        ratio = change_ratio(f_query.numpy(), f_positive.numpy(), f_longterm.numpy())
+        ratio = change_ratio(
+            f_query.cpu().numpy(), f_positive.cpu().numpy(), f_longterm.cpu().numpy()
+        )
         valid_np = valid.numpy()
         nan = np.full(n, np.nan)
         return StepResult(
