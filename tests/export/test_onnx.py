@@ -165,3 +165,24 @@ def test_reading_metadata_of_something_else_is_a_clear_error(tmp_path: Path) -> 
         read_metadata(bogus)
     with pytest.raises(ExportError, match="cannot read ONNX model"):
         read_metadata(tmp_path / "missing.onnx")
+
+
+def test_the_graph_standardises_with_the_statistics_its_metadata_records(
+    model: ContrastiveModel,
+    exported: tuple[Path, EmbeddingModel, dict[str, str]],
+    chips: npt.NDArray[np.uint16],
+) -> None:
+    path, module, _ = exported
+    read = read_metadata(path)
+    mean = [float(v) for v in read["band_mean"].split(",")]
+    std = [float(v) for v in read["band_std"].split(",")]
+    assert len(mean) == len(std) == len(CANONICAL_BANDS)
+    # The trained world's model estimated them on its first chips: not the identity.
+    assert not model.key_encoder.normalize.is_identity
+    np.testing.assert_allclose(mean, model.key_encoder.normalize.mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(std, model.key_encoder.normalize.std.numpy(), rtol=1e-6)
+    # A consumer feeds DN * scale and nothing else: the graph does the standardisation.
+    reflectance = chips.astype(np.float32) * np.float32(float(read["scale"]))
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(reflectance)).numpy()
+    np.testing.assert_allclose(_run(path, reflectance), expected, atol=TOLERANCE)

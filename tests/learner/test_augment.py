@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from revisit.learner.augment import (
+    AUGMENT_POLICIES,
     Augment,
     band_jitter,
     flip_rotate,
     gaussian_blur,
+    gaussian_noise,
+    global_gain,
+    policy_augment,
     random_resized_crop,
 )
 
@@ -196,3 +202,53 @@ def test_bad_input() -> None:
         Augment()(torch.zeros(12, 32, 32), _gen())
     with pytest.raises(ValueError, match="expected floating-point reflectance"):
         Augment()(torch.zeros(1, 12, 32, 32, dtype=torch.uint16), _gen())
+
+
+def test_global_gain_keeps_band_ratios() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 12, 8, 8) * 0.3 + 0.01
+    out = global_gain(x, generator=gen, gain=0.1, p=1.0)
+    ratio = out / x  # one factor for every pixel and band of an image
+    per_image = ratio.flatten(1)
+    torch.testing.assert_close(per_image, per_image[:, :1].expand_as(per_image))
+    assert bool(((per_image >= 0.9 - 1e-6) & (per_image <= 1.1 + 1e-6)).all())
+    assert not torch.allclose(per_image[:, 0], torch.ones(16))
+
+
+def test_gaussian_noise_is_reproducible_and_bounded_by_its_sigma() -> None:
+    x = torch.full((32, 12, 16, 16), 0.1)
+    a = gaussian_noise(x, generator=torch.Generator().manual_seed(1), sigma=0.003, p=1.0)
+    b = gaussian_noise(x, generator=torch.Generator().manual_seed(1), sigma=0.003, p=1.0)
+    assert torch.equal(a, b)
+    spread = (a - x).flatten(1).std(dim=1)
+    assert float(spread.max()) < 0.004 and float(spread.mean()) > 0.0005
+    untouched = gaussian_noise(x, generator=torch.Generator().manual_seed(1), p=0.0)
+    assert torch.equal(untouched, x)
+
+
+@pytest.mark.parametrize("policy", AUGMENT_POLICIES)
+def test_policies_give_crops_of_the_asked_size(policy: str) -> None:
+    augment = policy_augment(policy, size=32, crop_scale=(0.15, 0.6))
+    out = augment(torch.rand(4, 12, 64, 64) * 0.3, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 12, 32, 32) and bool(torch.isfinite(out).all())
+
+
+def test_only_band_jitter_moves_band_ratios() -> None:
+    # A flat image: crops, flips and blur keep it flat, so what moves B08/B04 is colour.
+    x = torch.ones(32, 12, 64, 64) * torch.linspace(0.05, 0.3, 12).view(1, 12, 1, 1)
+    ratios = {}
+    for policy in AUGMENT_POLICIES:
+        augment = policy_augment(policy, size=32)
+        if policy == "spectral":  # noise would move single pixels; compare image means
+            augment = replace(augment, noise_p=0.0)
+        out = augment(x, torch.Generator().manual_seed(0)).mean(dim=(2, 3))
+        ratios[policy] = out[:, 7] / out[:, 3]
+    expected = x[:, 7, 0, 0] / x[:, 3, 0, 0]
+    torch.testing.assert_close(ratios["spectral"], expected)
+    torch.testing.assert_close(ratios["geometric"], expected)
+    assert float((ratios["band-jitter"] - expected).abs().max()) > 0.05
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="policy must be one of"):
+        policy_augment("hue")

@@ -1,0 +1,143 @@
+"""The CPU training recipe: learning-rate schedule, training crops, device, band statistics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+
+from revisit.config import LearnerSettings
+from revisit.db import learning
+from revisit.errors import ConfigError
+from revisit.ingest.chips import ChipStore
+from revisit.learner import checkpoint as ckpt
+from revisit.learner.online import OnlineLearner
+from revisit.learner.trainer import (
+    Trainer,
+    effective_lr,
+    learner_augment,
+    learning_rate,
+    resolve_device,
+)
+from tests.learner.conftest import learner_settings
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine_to_its_floor() -> None:
+    s = LearnerSettings(lr_warmup_steps=10, lr_horizon_steps=110, lr_min_ratio=0.1)
+    base = effective_lr(s)
+    assert learning_rate(s, 1) == pytest.approx(base / 10)
+    assert learning_rate(s, 10) == pytest.approx(base)
+    assert learning_rate(s, 60) == pytest.approx(base * (0.1 + 0.9 * 0.5))
+    assert learning_rate(s, 110) == pytest.approx(base * 0.1)
+    assert learning_rate(s, 10_000) == pytest.approx(base * 0.1)
+    rates = [learning_rate(s, k) for k in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    constant = LearnerSettings(lr_warmup_steps=0, lr_schedule="constant")
+    assert learning_rate(constant, 1) == learning_rate(constant, 5000) == effective_lr(constant)
+    assert not math.isnan(learning_rate(LearnerSettings(lr_warmup_steps=0), 1))
+
+
+def test_crop_size_is_validated() -> None:
+    with pytest.raises(ValueError, match="crop_size"):
+        LearnerSettings(crop_size=16)
+    with pytest.raises(ValueError, match="crop_scale"):
+        LearnerSettings(crop_scale=(0.6, 0.2))
+    assert learner_augment(LearnerSettings(crop_size=0)).size is None
+    assert learner_augment(LearnerSettings(crop_size=48)).size == 48
+
+
+def test_cpu_device_and_a_missing_cuda() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_trainer_state_is_on_the_cpu_and_in_channels_last_it_trains_alike() -> None:
+    trainer = Trainer(LearnerSettings(queue_size=64, channels_last=True))
+    weight = trainer.model.encoder.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    state = trainer.state_dict()
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    plain = Trainer(LearnerSettings(queue_size=64, channels_last=False))
+    plain.load_state_dict(state)
+    x = torch.rand(2, 12, 32, 32) * 0.3
+    trainer.model.eval()
+    plain.model.eval()
+    torch.testing.assert_close(trainer.model.features(x), plain.model.features(x))
+
+
+def test_settings_file_rejects_an_unknown_policy(tmp_path: Path) -> None:
+    from revisit.config import load_settings
+
+    with pytest.raises(ConfigError, match="augment"):
+        load_settings(data_dir=tmp_path, learner={"augment": "hue"})
+
+
+def test_a_new_model_estimates_its_band_statistics_and_keeps_them(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var", normalization_chips=32)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert learner.trainer.model.encoder.normalize.is_identity
+        learner.run(5)
+        normalize = learner.trainer.model.encoder.normalize
+        mean, std = normalize.mean.clone(), normalize.std.clone()
+    assert not normalize.is_identity
+    # Simulated reflectance: the visible bands are darker than the near infrared.
+    assert 0.0 < float(mean[3]) < float(mean[7]) < 1.0 and bool((std > 0).all())
+    with world_engine.connect() as conn:
+        latest = learning.latest_model_version(conn)
+    assert latest is not None and latest.checkpoint_key is not None
+    payload = ckpt.load_checkpoint(tmp_path / "var", latest.checkpoint_key)
+    assert torch.equal(payload["trainer"]["model"]["key_encoder.normalize.mean"], mean)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert torch.equal(learner.trainer.model.encoder.normalize.mean, mean)
+        learner.run(2)  # a resumed model keeps its statistics
+        assert torch.equal(learner.trainer.model.encoder.normalize.std, std)
+
+
+def test_normalization_none_keeps_the_identity(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var", normalization="none")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(2)
+        assert learner.trainer.model.encoder.normalize.is_identity
+
+
+def test_an_old_checkpoint_resumes_with_identity_statistics(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(5)
+    with world_engine.connect() as conn:
+        latest = learning.latest_model_version(conn)
+    assert latest is not None and latest.checkpoint_key is not None
+    # Rewrite the checkpoint as one from before the standardisation existed.
+    payload = ckpt.load_checkpoint(tmp_path / "var", latest.checkpoint_key)
+    model = payload["trainer"]["model"]
+    for key in [k for k in model if ".normalize." in k]:
+        del model[key]
+    sha256, _ = ckpt.save_checkpoint(
+        tmp_path / "var", latest.checkpoint_key, {k: v for k, v in payload.items() if k != "format"}
+    )
+    with world_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE model_version SET metrics = jsonb_set(metrics, '{sha256}', to_jsonb(CAST(:s AS text))) "
+                "WHERE id = :id"
+            ),
+            {"s": sha256, "id": latest.id},
+        )
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert learner.trainer.model.encoder.normalize.is_identity
+        summary = learner.run(2)
+        assert learner.trainer.model.encoder.normalize.is_identity  # never re-estimated
+    assert summary.steps == 2 and np.isfinite(summary.mean_loss)
