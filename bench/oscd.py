@@ -13,15 +13,14 @@ change) with ``sklearn.metrics.roc_auc_score``. Rows:
 - ``model``: ``--model FILE.onnx``, or the ``embedding`` file of
   ``--data-dir``'s ``latest.json``, if given;
 - ``self-trained`` (``--self-train``): for each city, a model trained with the
-  online learner (``revisit learn``) on the imagery of that pair only. In a
-  temporary directory an embedded PostGIS is started, an AOI of the footprint of
-  ``imgs_1`` is added (``revisit aoi add --footprint``), an AOI grid of chip
-  centres is laid out at half a chip's spacing (``revisit sample --aoi --grid``;
-  the grid polygon is shrunk by half a chip so chips lie inside the image), both
-  dates are ingested through :class:`LocalSource` (``since`` 2010-01-01), the
-  learner runs ``--steps`` CPU steps and the newest checkpoint is published with
-  :func:`revisit.export.publish.publish_onnx`; its ``embedding`` model scores the
-  city.
+  online learner on the imagery of that pair only, through the revisit command
+  line (:class:`realdata.Workspace`). In a temporary data directory, with its
+  embedded PostGIS held up until the city is done: ``revisit db upgrade``; an AOI
+  of the footprint of ``imgs_1`` shrunk by half a chip, so chips lie inside the
+  image (``revisit aoi add --geojson``); a grid of chip centres at half a chip's
+  spacing (``revisit sample --aoi --grid --spacing``); both dates ingested
+  (``revisit ingest --source local --path CITY``); ``revisit learn --steps`` on
+  the CPU; ``revisit export onnx``, whose ``embedding`` model scores the city.
 
 Each model is scored both ways :func:`revisit.export.pairmap.pair_change_map`
 knows: ``dense`` (:func:`~revisit.export.pairmap.score_dense`: the stem at every
@@ -52,9 +51,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# ``import onnx`` (inside revisit) would import bench/onnx.py with this folder on the path.
+# ``import onnx`` (inside revisit) would import bench/onnx.py with this folder first on the
+# path; at the end, it still finds realdata.py.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import rasterio  # noqa: E402
 from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
+from realdata import TWO_DATE_LEARNER, Workspace, make_tempdir  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from revisit.errors import ExportError  # noqa: E402
@@ -130,86 +131,43 @@ def published_model(data_dir: Path) -> Path:
 def _self_train(data: Path, city: str, *, steps: int, chip_size: int, out: Path) -> Path:
     """Train on the city's own pair (see the module docstring) and return its embedding ONNX."""
     import shutil
-    from datetime import UTC, datetime
 
-    import psycopg
-    import sqlalchemy as sa
-    from psycopg import sql
-
-    from revisit.config import IngestSettings, load_settings
-    from revisit.db.aois import create_aoi
-    from revisit.db.embedded import EmbeddedPostgres
-    from revisit.db.locations import insert_locations
-    from revisit.db.migrate import upgrade
-    from revisit.export.publish import publish_onnx
-    from revisit.ingest.chips import ChipStore
-    from revisit.ingest.pipeline import IngestPipeline
-    from revisit.ingest.sampling import grid_in_polygon
-    from revisit.ingest.sources.local import LocalSource, product_footprint
-    from revisit.learner.online import OnlineLearner
-
-    root = Path(tempfile.mkdtemp(prefix=f"revisit-oscd-{city}-"))
-    root.chmod(0o755)
-    cluster = EmbeddedPostgres(root / "pg")
+    root = make_tempdir(f"revisit-oscd-{city}-")
+    city_dir = data / "images" / city
+    ingest_settings = {"chip_size": chip_size}
     try:
-        cluster.acquire()
-        with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier("oscd")))
-        with psycopg.connect(cluster.conninfo("oscd"), autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION postgis")
-        url = cluster.sqlalchemy_url("oscd")
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        upgrade(engine)
-        city_dir = data / "images" / city
-        # revisit aoi add CITY --footprint imgs_1; revisit sample --aoi CITY --grid
-        area = product_footprint(city_dir / "imgs_1")
-        half_chip_deg = chip_size * 10.0 / 2 / 111_000
-        with engine.begin() as conn:
-            aoi = create_aoi(conn, name=city, geom=area)
-            points = grid_in_polygon(area.buffer(-half_chip_deg), spacing_m=chip_size * 10.0 / 2)
-            insert_locations(conn, points, origin="aoi-grid", aoi_id=aoi.id, chip_size=chip_size)
-        data_dir = root / "var"
-        data_dir.mkdir()
-        store = ChipStore(data_dir / "chips", fsync=False)
-        began = time.perf_counter()
-        summary = IngestPipeline(
-            engine, store, LocalSource(city_dir), settings=IngestSettings(chip_size=chip_size)
-        ).run(aoi=city, since=datetime(2010, 1, 1, tzinfo=UTC))
-        print(
-            f"{city:12s} ingested {summary.scenes} scenes, {summary.chips} chips"
-            f" ({len(points)} locations) in {time.perf_counter() - began:.0f} s"
-        )
-        settings = load_settings(
-            database_url=url.render_as_string(hide_password=False),
-            data_dir=data_dir,
-            ingest={"chip_size": chip_size},
-            learner={
+        with Workspace(root / "var", settings={"ingest": ingest_settings}) as ws:
+            ws.upgrade()
+            half_chip_m = chip_size * 10.0 / 2
+            locations = ws.add_area(
+                city, city_dir / "imgs_1", spacing_m=half_chip_m, inset_m=half_chip_m
+            )
+            ingest = ws.ingest(city_dir)
+            print(
+                f"{city:12s} ingested {ingest.scenes} scenes, {ingest.chips} chips"
+                f" ({locations} locations) in {ingest.wall_s:.0f} s"
+            )
+            learner = {
                 "method": "caco",
-                "batch_size": max(2, min(32, len(points))),
+                "batch_size": max(2, min(32, locations)),
                 "queue_size": 1024,
                 "warmup_steps": steps // 4,
                 "refit_every": max(1, steps // 10),
                 "checkpoint_every": max(1, steps),
-                "long_min_days": 30,
-                "doy_window_days": 182,
+                **TWO_DATE_LEARNER,
                 "threads": 2,
                 "seed": 0,
-            },
-        )
-        began = time.perf_counter()
-        with OnlineLearner(settings=settings, engine=engine, method="caco") as learner:
-            result = learner.run(steps)
-        print(
-            f"{city:12s} trained {result.steps} steps in {time.perf_counter() - began:.0f} s,"
-            f" mean loss {result.mean_loss:.3f}"
-        )
-        published = publish_onnx(engine=engine, settings=settings, store=store)
-        engine.dispose()
-        target = out / f"self-{city}.onnx"
-        shutil.copyfile(published.paths["embedding"], target)
-        return target
+            }
+            ws.configure({"ingest": ingest_settings, "learner": learner})
+            result = ws.learn(steps=steps, method="caco")
+            print(
+                f"{city:12s} trained {result.steps} steps in {result.seconds:.0f} s,"
+                f" mean loss {result.mean_loss:.3f}"
+            )
+            target = out / f"self-{city}.onnx"
+            shutil.copyfile(ws.export_onnx()["embedding"], target)
+            return target
     finally:
-        cluster.release()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ status: 2 for a bad setting or usage, 1 for anything else.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -462,10 +463,35 @@ def ingest(
         raise typer.Exit(EXIT_ERROR)
 
 
+DEFAULT_LEARN_STEPS = 1000
+
+
+def _positive_minutes(value: float | None) -> float | None:
+    """``--minutes``: a finite number of minutes above zero, or unset."""
+    if value is not None and not (0 < value < math.inf):
+        raise typer.BadParameter(f"{value:g} is not a number of minutes above 0")
+    return value
+
+
 @app.command()
 def learn(
     ctx: typer.Context,
-    steps: Annotated[int, typer.Option(min=0, help="How many steps to take.")] = 1000,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help=f"How many steps to take (default {DEFAULT_LEARN_STEPS}; with --minutes, "
+            "no limit but the time).",
+        ),
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            callback=_positive_minutes,
+            help="Train for this many minutes of wall-clock time (0.5, 15, 90); with --steps, "
+            "whichever comes first.",
+        ),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(help="moco, tp, geo-tp, seco, teco or caco (default: learner.method)."),
@@ -482,7 +508,7 @@ def learn(
     """Train the encoder on the ingested observations and update every location's r.
 
     Resumes from the newest checkpoint; Ctrl-C (or SIGTERM) ends the step in
-    progress, checkpoints and exits.
+    progress, checkpoints and exits, and so does the end of --minutes.
     """
     import signal
     import threading
@@ -497,6 +523,8 @@ def learn(
     settings = _settings(ctx)
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    if steps is None and minutes is None:
+        steps = DEFAULT_LEARN_STEPS
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -520,8 +548,11 @@ def learn(
                     transient=True,
                 ) as bar,
             ):
+                budget = f", {minutes:g} min" if minutes is not None else ""
                 task = bar.add_task(
-                    f"{learner.method} from step {learner.step}", total=steps, stats=""
+                    f"{learner.method} from step {learner.step}{budget}",
+                    total=steps,  # None: a pulsing bar, "n/?" steps
+                    stats="",
                 )
 
                 def progress(report: StepReport) -> None:
@@ -533,34 +564,46 @@ def learn(
                         f"changed {report.changed_fraction:.1%} of {report.measured}",
                     )
 
-                summary = learner.run(steps, stop=stop, on_step=progress)
+                summary = learner.run(
+                    sys.maxsize if steps is None else steps,
+                    stop=stop,
+                    max_seconds=None if minutes is None else minutes * 60.0,
+                    on_step=progress,
+                )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # Seven columns: the table fits 80 characters, the width when not on a terminal.
     table = Table(
         "method",
         "steps",
         "last step",
         "mean loss",
         "steps/s",
-        "measured",
+        "images/s",
         "changed",
         show_edge=False,
     )
     rate = summary.steps / summary.seconds if summary.seconds > 0 else 0.0
+    batch = settings.learner.batch_size  # fewer per step only with fewer locations than this
     table.add_row(
         summary.method,
         str(summary.steps),
         str(summary.last_step),
         f"{summary.mean_loss:.4f}",
         f"{rate:.2f}",
-        str(summary.measured),
-        f"{summary.changed_fraction:.1%}",
+        f"{rate * batch:.1f}",
+        f"{summary.changed_fraction:.1%} of {summary.measured}",
     )
     stdout.print(table)
-    if summary.stopped:
+    stdout.print(f"{summary.steps} steps of {batch} locations in {summary.seconds:.1f} s")
+    if stop.is_set():
         stdout.print(
             f"[yellow]stopped at step {summary.last_step}; checkpointed, the next run resumes[/]"
+        )
+    elif summary.stopped and minutes is not None:
+        stdout.print(
+            f"time budget of {minutes:g} min reached at step {summary.last_step}; checkpointed"
         )
 
 

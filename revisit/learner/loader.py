@@ -23,7 +23,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -227,7 +227,10 @@ def assemble_batch(
     longterm_valid = torch.from_numpy(kept.longterm_id >= 0)
     fallback = torch.from_numpy(kept.positive_id < 0)
     if bool(fallback.any()):
-        x_positive[fallback] = augment(x_query[fallback], generator)
+        # At the chip's own size, like the real k+ it stands in for (the key side
+        # resizes every key image to the training crop size alike).
+        chip_size = (int(x_query.shape[-2]), int(x_query.shape[-1]))
+        x_positive[fallback] = replace(augment, size=chip_size)(x_query[fallback], generator)
 
     query_state = generator.get_state()
     query_view = augment(x_query, generator)

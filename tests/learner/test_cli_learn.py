@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import rasterio
 import sqlalchemy as sa
 
@@ -89,6 +91,47 @@ def test_learn_trains_and_prints_a_summary(
         with rasterio.open(tmp_path / "bercy.tif") as ds:
             assert ds.tags()["scoring"] == "dense"
             assert ds.descriptions == ("feature_distance",)
+
+
+def _summary(stdout: str) -> dict[str, str]:
+    """The row of ``revisit learn``'s summary table, by column name."""
+    header, row = (
+        [cell.strip() for cell in re.split("[┃│]", line)]
+        for line in stdout.splitlines()
+        if "┃" in line or "│" in line
+    )
+    return dict(zip(header, row, strict=True))
+
+
+def test_learn_minutes_stops_on_the_time_budget(
+    cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path
+) -> None:
+    env = _env(cli_env, world_url, learn_world, tmp_path / "var")
+    began = time.monotonic()
+    done = _learn(env, "--minutes", "0.05")  # 3 s of training, no step limit
+    assert done.returncode == 0, done.stderr
+    assert "time budget of 0.05 min reached" in done.stdout
+    row = _summary(done.stdout)  # one line a row at the 80 columns of a pipe
+    took = re.search(r"(\d+) steps of 8 locations in ([\d.]+) s", done.stdout)
+    assert took is not None, done.stdout
+    steps, seconds = int(took.group(1)), float(took.group(2))
+    assert steps == int(row["steps"]) >= 1
+    # It stops after the step that passes the budget: one step late at most.
+    assert 3.0 <= seconds < 3.0 + 30.0
+    assert time.monotonic() - began < 240
+    # images/s is steps times batch size (REVISIT_LEARNER__BATCH_SIZE=8) per second.
+    assert float(row["images/s"]) == pytest.approx(8 * steps / seconds, rel=0.02, abs=0.1)
+    # With --steps too, whichever comes first: here the steps.
+    both = _learn(env, "--minutes", "10", "--steps", "2")
+    assert both.returncode == 0, both.stderr
+    assert _summary(both.stdout)["steps"] == "2" and "time budget" not in both.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_learn_minutes_must_be_a_positive_number(cli_env: dict[str, str], value: str) -> None:
+    bad = _learn(cli_env, "--minutes", value)
+    assert bad.returncode == 2, bad.stderr
+    assert "--minutes" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _state(engine: sa.Engine) -> tuple[int, dict[int, int], int]:

@@ -15,6 +15,8 @@ from revisit.db import learning
 from revisit.errors import ConfigError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
+from revisit.learner.loader import RawBatch, assemble_batch
+from revisit.learner.mining import TupleBatch
 from revisit.learner.online import OnlineLearner
 from revisit.learner.trainer import (
     Trainer,
@@ -141,3 +143,28 @@ def test_an_old_checkpoint_resumes_with_identity_statistics(
         summary = learner.run(2)
         assert learner.trainer.model.encoder.normalize.is_identity  # never re-estimated
     assert summary.steps == 2 and np.isfinite(summary.mean_loss)
+
+
+def test_a_missing_k_plus_falls_back_to_a_view_at_the_chips_size_and_trains() -> None:
+    # Two-date imagery: no k+ anywhere, so every positive is a second view of q.
+    settings = LearnerSettings(queue_size=64, crop_size=32, lr_warmup_steps=0)
+    rng = np.random.default_rng(0)
+    n = 4
+    chips = rng.integers(300, 3000, size=(n, 12, 64, 64), dtype=np.uint16)
+    tuples = TupleBatch(
+        location_id=np.arange(n),
+        query_id=np.arange(n),
+        positive_id=np.full(n, -1),
+        longterm_id=np.arange(n, 2 * n),
+    )
+    raw = RawBatch(
+        step=1, tuples=tuples, query=chips, positive=np.zeros_like(chips), longterm=chips
+    )
+    batch = assemble_batch(
+        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
+    )
+    assert batch.x_positive.shape == batch.x_query.shape == (n, 12, 64, 64)
+    assert batch.query_view.shape == (n, 12, 32, 32)
+    assert float(batch.x_positive.abs().sum()) > 0
+    result = Trainer(settings).train_step(batch, changed=np.zeros(n, dtype=bool))
+    assert np.isfinite(result.loss) and np.isfinite(result.ratio).all()
