@@ -511,10 +511,10 @@ def policy_augment(
     Raises:
         ValueError: For an unknown policy.
     """
-    common = {"size": size, "crop_scale": crop_scale}
     if policy == "spectral":
         return Augment(
-            **common,
+            size=size,
+            crop_scale=crop_scale,
             jitter_p=0.0,
             gain=0.05,
             gain_p=0.8,
@@ -524,7 +524,7 @@ def policy_augment(
             noise_p=0.5,
         )
     if policy == "geometric":
-        return Augment(**common, jitter_p=0.0, blur_p=0.0)
+        return Augment(size=size, crop_scale=crop_scale, jitter_p=0.0, blur_p=0.0)
     if policy == "band-jitter":
-        return Augment(**common)
+        return Augment(size=size, crop_scale=crop_scale)
     raise ValueError(f"augmentation policy must be one of {AUGMENT_POLICIES}, got {policy!r}")

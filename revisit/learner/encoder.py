@@ -70,8 +70,8 @@ def band_statistics(chips: npt.NDArray[np.integer]) -> tuple[list[float], list[f
     """
     if chips.ndim != 4 or not np.issubdtype(chips.dtype, np.integer):
         raise ValueError(f"expected (N, C, H, W) integer DN, got {chips.dtype} {chips.shape}")
-    pixels = np.moveaxis(chips, 1, -1).reshape(-1, chips.shape[1])
-    pixels = pixels[(pixels > 0).all(axis=1)].astype(np.float64) * DN_SCALE
+    dn = np.moveaxis(chips, 1, -1).reshape(-1, chips.shape[1])
+    pixels = dn[(dn > 0).all(axis=1)].astype(np.float64) * DN_SCALE
     if pixels.shape[0] == 0:
         raise ValueError("no pixel has data in every band: cannot estimate band statistics")
     mean = pixels.mean(axis=0)

@@ -41,11 +41,11 @@ from revisit.errors import ChipStoreError, DegenerateRatiosError, LearnerError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.change import ChangeMixture, fit_change_mixture
+from revisit.learner.encoder import band_statistics
 from revisit.learner.estimates import ChangeState
 from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
 from revisit.learner.loader import BatchLoader
 from revisit.learner.mining import MiningPolicy
-from revisit.learner.encoder import band_statistics
 from revisit.learner.trainer import Trainer, learner_augment
 
 if TYPE_CHECKING:
@@ -478,9 +478,9 @@ class OnlineLearner:
         table = self._fetch(0)
         rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0x6E6F726D]))
         n = min(len(table), self.config.normalization_chips)
-        rows = np.sort(rng.choice(len(table), size=n, replace=False)) if n else []
-        chips = []
-        for row in rows:
+        rows = np.sort(rng.choice(len(table), size=n, replace=False))
+        chips: list[np.ndarray] = []
+        for row in rows.tolist():
             try:
                 chips.append(self.store.get(table.chip_key[row], table.chip_sha256[row]))
             except ChipStoreError as exc:

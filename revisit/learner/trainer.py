@@ -187,8 +187,11 @@ class Trainer:
                 geo_classes=settings.geo_clusters if self.method == "geo-tp" else None,
             )
         self.device = resolve_device(settings.device)
-        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model.to(device=self.device, memory_format=self.memory_format)
+        self.memory_format = (
+            torch.channels_last if settings.channels_last else torch.contiguous_format
+        )
+        self.model.to(self.device)
+        self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.model.train()
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -199,7 +202,10 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Model (both encoders, heads, queues) and optimiser state, as CPU tensors."""
-        return _to_cpu({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        state: dict[str, Any] = _to_cpu(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` gave, onto this trainer's device.

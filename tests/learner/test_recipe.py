@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine_to_its_floor() -> Non
     assert learning_rate(s, 110) == pytest.approx(base * 0.1)
     assert learning_rate(s, 10_000) == pytest.approx(base * 0.1)
     rates = [learning_rate(s, k) for k in range(10, 111)]
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
     constant = LearnerSettings(lr_warmup_steps=0, lr_schedule="constant")
     assert learning_rate(constant, 1) == learning_rate(constant, 5000) == effective_lr(constant)
     assert not math.isnan(learning_rate(LearnerSettings(lr_warmup_steps=0), 1))
@@ -133,8 +134,8 @@ def test_an_old_checkpoint_resumes_with_identity_statistics(
     with world_engine.begin() as conn:
         conn.execute(
             sa.text(
-                "UPDATE model_version SET metrics = jsonb_set(metrics, '{sha256}', to_jsonb(CAST(:s AS text))) "
-                "WHERE id = :id"
+                "UPDATE model_version SET metrics = jsonb_set(metrics, '{sha256}',"
+                " to_jsonb(CAST(:s AS text))) WHERE id = :id"
             ),
             {"s": sha256, "id": latest.id},
         )
