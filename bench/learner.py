@@ -10,6 +10,11 @@ figure printed last is learner tuples/s ÷ compute-bound tuples/s (target ≥ 0.
 loading and writing overlap compute instead of adding to it).
 
     .venv/bin/python bench/learner.py [--locations 64] [--steps 60] [--batch 32]
+        [--crop-size 32]
+
+The learner's own recipe applies (``learner.crop_size`` 32 px training crops,
+channels-last, the ``spectral`` augmentation); ``--crop-size`` measures another
+crop size, both rows at the same one.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--chip-size", type=int, default=64)
     parser.add_argument("--method", default="caco")
+    parser.add_argument("--crop-size", type=int, default=32, help="learner.crop_size; 0: chip")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -84,6 +90,7 @@ def main() -> None:
                 "warmup_steps": args.warmup,
                 "refit_every": 10,
                 "checkpoint_every": args.checkpoint_every,
+                "crop_size": args.crop_size,
             },
         )
 
@@ -134,7 +141,12 @@ def main() -> None:
         compute_s = time.perf_counter() - began
         compute_rate = args.steps * len(sample.tuples) / compute_s
 
-        print(f"method {args.method}, batch {args.batch}, chips {args.chip_size} px")
+        crop = settings.learner.crop_size or args.chip_size
+        print(
+            f"method {args.method}, batch {args.batch}, chips {args.chip_size} px,"
+            f" training crops {crop} px, channels_last {settings.learner.channels_last},"
+            f" augment {settings.learner.augment}"
+        )
         n = args.steps
         print(f"learner:       {learner_rate:8.1f} tuples/s ({n} steps, {learner_s:.1f} s)")
         print(f"compute bound: {compute_rate:8.1f} tuples/s ({n} steps, {compute_s:.1f} s)")
