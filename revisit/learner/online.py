@@ -257,6 +257,8 @@ class OnlineLearner:
         # resumed one has it (or, migrated from before it, keeps the identity).
         self._needs_band_statistics = payload is None and self.config.normalization == "data"
         self.step = max(latest.step if latest is not None else 0, last_event_step)
+        if payload is None:
+            trainer.start_step = self.step
         self.model_version_id = latest.id if latest is not None else None
         self._last_checkpoint_step = self.step
         self._trainer = trainer

@@ -109,7 +109,8 @@ def learning_rate(settings: LearnerSettings, step: int) -> float:
 
     Args:
         settings: The learner settings.
-        step: The step about to be taken (1-based).
+        step: The model's step about to be taken (1-based: the learner's step less
+            :attr:`Trainer.start_step`).
 
     Returns:
         The rate.
@@ -193,6 +194,9 @@ class Trainer:
         self.model.to(self.device)
         self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.model.train()
+        #: The learner step before this model's first: its schedule counts from there
+        #: (a ``--new-model`` goes on with the database's step counter).
+        self.start_step = 0
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=effective_lr(settings),
@@ -205,6 +209,7 @@ class Trainer:
         state: dict[str, Any] = _to_cpu(
             {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         )
+        state["start_step"] = self.start_step
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +220,7 @@ class Trainer:
         """
         self.model.load_state_dict(upgrade_model_state(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
+        self.start_step = int(state.get("start_step", 0))
 
     @property
     def has_band_statistics(self) -> bool:
@@ -266,7 +272,7 @@ class Trainer:
         n = batch.x_query.shape[0]
         valid = batch.longterm_valid
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.settings, batch.step)
+            group["lr"] = learning_rate(self.settings, batch.step - self.start_step)
         # Key side on the un-augmented images: R's embeddings and the keys of the loss.
         keyed = self._key_view(
             torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)

@@ -169,3 +169,21 @@ def test_a_missing_k_plus_falls_back_to_a_view_at_the_chips_size_and_trains() ->
     assert float(batch.x_positive.abs().sum()) > 0
     result = Trainer(settings).train_step(batch, changed=np.zeros(n, dtype=bool))
     assert np.isfinite(result.loss) and np.isfinite(result.ratio).all()
+
+
+def test_a_new_model_starts_its_schedule_at_its_own_first_step(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var", lr_warmup_steps=10)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(3)
+        assert learner.trainer.start_step == 0
+    with OnlineLearner(
+        settings=settings, engine=world_engine, store=world_store, new_model=True
+    ) as learner:
+        assert learner.trainer.start_step == 3
+        learner.run(1)  # step 4 of the database, step 1 of this model: a tenth of the rate
+        rate = learner.trainer.optimizer.param_groups[0]["lr"]
+        assert rate == pytest.approx(learning_rate(settings.learner, 1))
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        assert learner.trainer.start_step == 3  # resumed from its checkpoint
