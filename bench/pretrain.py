@@ -29,7 +29,9 @@ or Ctrl-C, and runs::
 Settings written: ``[learner]`` method ``caco``, ``long_min_days`` 30 and
 ``doy_window_days`` 182 (two dates weeks to years apart, as bench/oscd.py), and
 ``queue_size`` 1024 (fewer keys than locations: a larger queue holds each
-location's own keys many times over as negatives); ``--config FILE`` is merged on
+location's own keys many times over as negatives), and for a bounded CPU run
+``lr`` 0.12, ``momentum`` 0.99, ``lr_horizon_steps`` 1500 and ``warmup_steps``
+100 (the settings of the probe table in docs/probes.md); ``--config FILE`` is merged on
 top, section by section, so any learner setting (crop size, learning-rate
 schedule, augmentation, normalisation, batch size, ...) is passed through, and
 wins. ``--skip-ingest`` retrains on what DIR holds (resuming its newest
@@ -68,7 +70,17 @@ from realdata import (  # noqa: E402
 #: Sentinel-2A's launch: ``--since`` this looks at every product, whatever the cursor says.
 SENTINEL2_START = "2015-06-23"
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "learner": {"method": "caco", **TWO_DATE_LEARNER, "queue_size": 1024},
+    "learner": {
+        "method": "caco",
+        **TWO_DATE_LEARNER,
+        "queue_size": 1024,
+        # A bounded CPU run: a quicker key encoder, a larger rate with its cosine
+        # decay over about the steps of 12-15 minutes, a short mixture warm-up.
+        "lr": 0.12,
+        "momentum": 0.99,
+        "lr_horizon_steps": 1500,
+        "warmup_steps": 100,
+    },
 }
 HEADER = """Written by bench/pretrain.py: every command of its run is `revisit --config THIS ...`.
 [learner]: two dates per place, weeks to years apart (docs/learning-from-your-imagery.md),
