@@ -222,11 +222,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_step = int(state.get("start_step", 0))
 
-    @property
-    def has_band_statistics(self) -> bool:
-        """Whether the encoder's input standardisation is set (not the identity)."""
-        return not self.model.encoder.normalize.is_identity
-
     def set_band_statistics(self, mean: list[float], std: list[float]) -> None:
         """Freeze the input standardisation of both encoders (see :func:`band_statistics`)."""
         self.model.set_band_statistics(mean, std)
