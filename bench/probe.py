@@ -274,7 +274,7 @@ def export_random(
         torch.manual_seed(seed)
         model = ContrastiveModel(queue_size=64)
     standardised = False
-    if band_mean is not None and band_std is not None and hasattr(model, "set_band_statistics"):
+    if band_mean is not None and band_std is not None:
         model.set_band_statistics(band_mean, band_std)
         standardised = True
     module = FeatureModel(model)
