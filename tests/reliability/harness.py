@@ -36,6 +36,8 @@ from tests.daemon.conftest import REVISIT, Daemon
 
 #: Where a kill lands: the phase whose start triggers it.
 PHASES = ("ingest", "learn", "export", "random")
+# `revisit chips gc --min-age` between trials: the shortest it accepts.
+GC_MIN_AGE_S = 1
 
 #: The uniqueness the schema defines (revisit/db/models.py), as SQL that lists violations.
 UNIQUE_KEYS = {
@@ -200,8 +202,12 @@ class KillHarness:
         if daemon.proc.poll() is not None:
             trial.failures.append(f"revisit run exited by itself ({daemon.proc.returncode})")
         daemon.proc.kill()  # SIGKILL to the service alone
+        killed = time.monotonic()
         daemon.wait(timeout=30)
         self._check_resumed(trial, daemon)
+        # gc keeps files younger than its --min-age (1 s): a temporary the kill cut
+        # off mid-write must be older than that before gc can be asked to remove it.
+        time.sleep(max(0.0, killed + GC_MIN_AGE_S + 0.5 - time.monotonic()))
         self._gc()
         self._check(trial, before)
         self.report.trials.append(trial)
@@ -265,7 +271,7 @@ class KillHarness:
 
     def _gc(self) -> None:
         result = subprocess.run(
-            [*REVISIT, "chips", "gc", "--min-age", "1s"],
+            [*REVISIT, "chips", "gc", "--min-age", f"{GC_MIN_AGE_S}s"],
             env=self.env,
             capture_output=True,
             text=True,
