@@ -21,7 +21,11 @@ window r can see). Rows of the table, all on the same locations:
 - ``teco r``, ``moco r`` (and any other ``--methods``): r from those methods.
 
     .venv/bin/python bench/change_quality.py [--locations 400] [--years 3] [--steps 2000]
-        [--minutes M] [--methods caco,teco,moco]
+        [--minutes M] [--methods caco,teco,moco] [--one-per-year]
+
+``--one-per-year`` keeps one image a year per location (the first usable one
+after 1 June): no short-term revisits, so every R has a calibrated denominator
+(docs/change-estimates.md) instead of CACo's real short-term pair.
 
 Every method trains with batch 32, a queue of 4096, lr 0.12 (for 256; 0.015
 at batch 32) with its warm-up and a cosine decay over ``--steps``, key momentum
@@ -72,6 +76,24 @@ def _create_database(cluster: EmbeddedPostgres, name: str, template: str | None)
             conn.execute("CREATE EXTENSION postgis")
 
 
+def _one_per_year(url: sa.URL) -> None:
+    """Leave each location one usable image a year (its first after 1 June): no k+ anywhere."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "DELETE FROM observation WHERE id NOT IN ("
+                    " SELECT DISTINCT ON (location_id, extract(year FROM acquired_at)) id"
+                    " FROM observation WHERE valid_fraction >= 0.8 AND cloud_fraction <= 0.2"
+                    " AND extract(month FROM acquired_at) >= 6"
+                    " ORDER BY location_id, extract(year FROM acquired_at), acquired_at)"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
 def _ema(values: list[float], beta: float = 0.8) -> float:
     r = values[0]
     for v in values[1:]:
@@ -111,6 +133,12 @@ def main() -> None:
     parser.add_argument("--lead-days", type=int, default=365)
     parser.add_argument("--methods", default="caco,teco,moco")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--one-per-year",
+        action="store_true",
+        help="Keep each location's first usable image after 1 June of each year only: a series "
+        "without short-term revisits, so R's denominator is calibrated (docs/change-estimates.md).",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -198,6 +226,8 @@ def main() -> None:
                 )
             _create_database(cluster, name, "world")
             url = cluster.sqlalchemy_url(name)
+            if args.one_per_year:
+                _one_per_year(url)
             data_dir = root / f"var-{method}"
             shutil.rmtree(data_dir, ignore_errors=True)
             data_dir.mkdir()

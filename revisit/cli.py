@@ -844,7 +844,7 @@ def query_changed(
             limit=limit,
         )
     columns = ("location_id", "lon", "lat", "ratio_ema", "ratio_last", "updates", "changed",
-               "changed_since", "updated_at", "aoi_name")  # fmt: skip
+               "change_probability", "changed_since", "updated_at", "aoi_name")  # fmt: skip
 
     def values(row: object) -> list[object]:
         return [getattr(row, c) for c in columns]
@@ -877,6 +877,7 @@ def query_changed(
             table.add_row(
                 str(r.location_id), f"{r.lon:.5f}", f"{r.lat:.5f}", f"{r.ratio_ema:.3f}",
                 f"{r.ratio_last:.3f}", str(r.updates), "yes" if r.changed else "no",
+                "" if r.change_probability is None else f"{r.change_probability:.3f}",
                 f"{r.changed_since:%Y-%m-%d}" if r.changed_since else "",
                 f"{r.updated_at:%Y-%m-%d %H:%M}", r.aoi_name or "",
             )  # fmt: skip

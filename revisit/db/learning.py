@@ -41,6 +41,10 @@ _ESTIMATE_COLUMNS = (
     "short_dist",
     "updates",
     "changed",
+    "change_probability",
+    "short_ref",
+    "season_gap_days",
+    "denominator",
 )
 _EVENT_COLUMNS = (
     "location_id",
@@ -52,6 +56,8 @@ _EVENT_COLUMNS = (
     "query_observation_id",
     "positive_observation_id",
     "longterm_observation_id",
+    "season_gap_days",
+    "denominator",
     "model_version_id",
 )
 _CLUSTER_TMP = "revisit_cluster_batch"
@@ -110,6 +116,14 @@ class EstimateRow:
     short_dist: float
     updates: int
     changed: bool
+    #: P(changed) under the last mixture refit; None before the first.
+    change_probability: float | None = None
+    #: The location's running short-term distance from real pairs; None without any.
+    short_ref: float | None = None
+    #: Days of year between the last measurement's q and k_lt (circular).
+    season_gap_days: float | None = None
+    #: Where the last R's denominator came from (see revisit.learner.calibration).
+    denominator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,8 @@ class EventRow:
     query_observation_id: int | None
     positive_observation_id: int | None
     longterm_observation_id: int | None
+    season_gap_days: float | None = None
+    denominator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,7 +305,8 @@ def load_change_estimates(conn: Connection) -> list[EstimateRow]:
     """
     rows = conn.execute(
         sa.text(
-            "SELECT location_id, ratio_ema, ratio_last, long_dist, short_dist, updates, changed"
+            "SELECT location_id, ratio_ema, ratio_last, long_dist, short_dist, updates, changed,"
+            " change_probability, short_ref, season_gap_days, denominator"
             " FROM change_estimate ORDER BY location_id"
         )
     )
@@ -302,8 +319,12 @@ def load_change_estimates(conn: Connection) -> list[EstimateRow]:
             short_dist=float(short_d),
             updates=int(updates),
             changed=bool(changed),
+            change_probability=_optional_float(prob),
+            short_ref=_optional_float(ref),
+            season_gap_days=_optional_float(gap),
+            denominator=None if source is None else str(source),
         )
-        for loc, ema, last, long_d, short_d, updates, changed in rows
+        for loc, ema, last, long_d, short_d, updates, changed, prob, ref, gap, source in rows
     ]
 
 
@@ -355,7 +376,9 @@ def _write_estimates(
         " location_id bigint NOT NULL, ratio_ema double precision NOT NULL,"
         " ratio_last double precision NOT NULL, long_dist double precision NOT NULL,"
         " short_dist double precision NOT NULL, updates integer NOT NULL,"
-        " changed boolean NOT NULL) ON COMMIT DROP"
+        " changed boolean NOT NULL, change_probability double precision,"
+        " short_ref double precision, season_gap_days double precision,"
+        " denominator text) ON COMMIT DROP"
     )
     copy_rows(
         conn,
@@ -370,6 +393,10 @@ def _write_estimates(
                 float(e.short_dist),
                 int(e.updates),
                 bool(e.changed),
+                _optional_float(e.change_probability),
+                _optional_float(e.short_ref),
+                _optional_float(e.season_gap_days),
+                e.denominator,
             )
             for e in estimates
         ),
@@ -401,7 +428,9 @@ def _write_estimates(
         sa.text(
             f"UPDATE change_estimate SET ratio_ema = t.ratio_ema, ratio_last = t.ratio_last,"
             f" long_dist = t.long_dist, short_dist = t.short_dist, updates = t.updates,"
-            f" changed = t.changed, model_version_id = :mv, updated_at = now()"
+            f" changed = t.changed, change_probability = t.change_probability,"
+            f" short_ref = t.short_ref, season_gap_days = t.season_gap_days,"
+            f" denominator = t.denominator, model_version_id = :mv, updated_at = now()"
             f" FROM {_ESTIMATE_TMP} t"
             f" WHERE change_estimate.location_id = t.location_id"
             f" AND t.updates >= change_estimate.updates"
@@ -411,9 +440,11 @@ def _write_estimates(
     inserted = conn.execute(
         sa.text(
             f"INSERT INTO change_estimate (location_id, ratio_ema, ratio_last, long_dist,"
-            f" short_dist, updates, changed, model_version_id)"
+            f" short_dist, updates, changed, change_probability, short_ref, season_gap_days,"
+            f" denominator, model_version_id)"
             f" SELECT t.location_id, t.ratio_ema, t.ratio_last, t.long_dist, t.short_dist,"
-            f" t.updates, t.changed, :mv FROM {_ESTIMATE_TMP} t"
+            f" t.updates, t.changed, t.change_probability, t.short_ref, t.season_gap_days,"
+            f" t.denominator, :mv FROM {_ESTIMATE_TMP} t"
             f" WHERE NOT EXISTS"
             f" (SELECT 1 FROM change_estimate e WHERE e.location_id = t.location_id)"
         ),
@@ -445,6 +476,8 @@ def _write_events(
             _optional_int(e.query_observation_id),
             _optional_int(e.positive_observation_id),
             _optional_int(e.longterm_observation_id),
+            _optional_float(e.season_gap_days),
+            e.denominator,
             model_version_id,
         )
         for e in events
@@ -605,3 +638,11 @@ def _json_scalar(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _optional_float(value: float | None) -> float | None:
+    """A float, or None for None and NaN (NULL in the database)."""
+    if value is None:
+        return None
+    out = float(value)
+    return None if out != out else out

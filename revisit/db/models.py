@@ -44,6 +44,8 @@ SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
 SIM_EVENT_KINDS = ("construction", "clearing", "flooding", "reservoir")
 ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
 JOB_OUTCOMES = ("ok", "skipped", "failed")
+#: Where R's denominator came from (revisit.learner.calibration.SOURCES).
+DENOMINATOR_SOURCES = ("pair", "own", "others", "date-pair")
 #: The table of the daemon's APScheduler job store (its jobs, pickled).
 SCHEDULER_JOB_TABLE = "scheduler_job"
 
@@ -238,6 +240,10 @@ class ChangeEstimate(Base):
         CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
         CheckConstraint("updates >= 1", name="updates_positive"),
         CheckConstraint("changed OR changed_since IS NULL", name="changed_since_when_changed"),
+        CheckConstraint(
+            "change_probability >= 0 AND change_probability <= 1", name="probability_range"
+        ),
+        CheckConstraint(_in("denominator", DENOMINATOR_SOURCES), name="denominator_known"),
         Index("ix_change_estimate_ratio_ema", "ratio_ema"),
         Index(
             "ix_change_estimate_changed_since",
@@ -259,6 +265,18 @@ class ChangeEstimate(Base):
         DateTime(timezone=True),
         comment="when the location last became changed; NULL while unchanged (kept by a trigger)",
     )
+    change_probability: Mapped[float | None] = mapped_column(
+        Double, comment="P(changed) under the last mixture refit; NULL before the first"
+    )
+    short_ref: Mapped[float | None] = mapped_column(
+        Double, comment="running short-term distance from real pairs; NULL without any"
+    )
+    season_gap_days: Mapped[float | None] = mapped_column(
+        Double, comment="days of year between the last R's two images"
+    )
+    denominator: Mapped[str | None] = mapped_column(
+        Text, comment="where the last R's denominator came from: pair, own, others, date-pair"
+    )
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_version.id", ondelete="SET NULL")
     )
@@ -275,6 +293,7 @@ class ChangeEvent(Base):
         CheckConstraint("step >= 0", name="step_nonnegative"),
         CheckConstraint("ratio >= 0 AND ratio_ema >= 0", name="ratio_nonnegative"),
         CheckConstraint("long_dist >= 0 AND short_dist >= 0", name="dist_nonnegative"),
+        CheckConstraint(_in("denominator", DENOMINATOR_SOURCES), name="denominator_known"),
         # No event is written twice for the same step of a location.
         UniqueConstraint("location_id", "step"),
         Index("ix_change_event_location_id_created_at", "location_id", "created_at"),
@@ -298,6 +317,12 @@ class ChangeEvent(Base):
     )
     longterm_observation_id: Mapped[int | None] = mapped_column(
         ForeignKey("observation.id", ondelete="SET NULL"), comment="the long-term image"
+    )
+    season_gap_days: Mapped[float | None] = mapped_column(
+        Double, comment="days of year between the query and the long-term image"
+    )
+    denominator: Mapped[str | None] = mapped_column(
+        Text, comment="where R's denominator came from: pair, own, others, date-pair"
     )
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_version.id", ondelete="SET NULL")

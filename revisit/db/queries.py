@@ -18,6 +18,7 @@ class ChangedLocation:
     ratio_last: float
     updates: int
     changed: bool
+    change_probability: float | None
     changed_since: datetime | None
     updated_at: datetime
     aoi_name: str | None
@@ -43,7 +44,7 @@ def changed_locations(
         changed_only: Only locations the change mixture classifies as changed.
         limit: At most this many rows.
     """
-    where = ["TRUE"]
+    where = ["c.measured"]
     params: dict[str, object] = {}
     if bbox is not None:
         where.append("c.geom && ST_MakeEnvelope(:minx, :miny, :maxx, :maxy, 4326)")
@@ -61,7 +62,7 @@ def changed_locations(
         where.append("c.changed")
     query = (
         "SELECT c.location_id, ST_X(c.geom), ST_Y(c.geom), c.ratio_ema, c.ratio_last,"
-        " c.updates, c.changed, c.changed_since, c.updated_at, c.aoi_name"
+        " c.updates, c.changed, c.changed_since, c.updated_at, c.aoi_name, c.change_probability"
         f" FROM v_change c WHERE {' AND '.join(where)}"
         " ORDER BY c.ratio_ema DESC, c.location_id"
     )
@@ -77,6 +78,7 @@ def changed_locations(
             ratio_last=float(r[4]),
             updates=int(r[5]),
             changed=bool(r[6]),
+            change_probability=None if r[10] is None else float(r[10]),
             changed_since=r[7],
             updated_at=r[8],
             aoi_name=r[9],

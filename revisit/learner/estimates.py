@@ -10,6 +10,7 @@ checkpoint they belong to. Pure: numpy and plain rows, no I/O.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +54,10 @@ class ChangeState:
             return 0.0
         return sum(row.changed for row in self._rows.values()) / len(self._rows)
 
+    def short_refs(self) -> dict[int, float]:
+        """Each location's running short-term distance from real pairs, where it has one."""
+        return {loc: row.short_ref for loc, row in self._rows.items() if row.short_ref is not None}
+
     def ratios(self) -> npt.NDArray[np.float64]:
         """Every current r, in no particular order."""
         return np.fromiter((row.ratio_ema for row in self._rows.values()), dtype=np.float64)
@@ -68,11 +73,22 @@ class ChangeState:
         query_ids: Sequence[int],
         positive_ids: Sequence[int | None],
         longterm_ids: Sequence[int],
+        season_gap_days: Sequence[float] | None = None,
+        denominators: Sequence[str] | None = None,
+        short_refs: dict[int, float] | None = None,
     ) -> None:
         """Fold one step's R into r and record the events.
 
-        Locations keep their current classification; only a refit changes it.
-        Non-finite R (which a degenerate batch could give) is skipped.
+        Locations keep their current classification and change probability;
+        only a refit changes them. Non-finite R (which a degenerate batch could
+        give) is skipped.
+
+        Args:
+            short_dist: R's denominator per row (see revisit.learner.calibration).
+            season_gap_days: Days of year between each row's q and k_lt.
+            denominators: Where each row's denominator came from.
+            short_refs: Running short-term distances from real pairs, by location
+                (:attr:`ShortTermReference.own`); a location's is stored with it.
         """
         for i, loc in enumerate(location_ids):
             r_new = float(ratio[i])
@@ -80,6 +96,9 @@ class ChangeState:
                 continue
             loc = int(loc)
             old = self._rows.get(loc)
+            gap = None if season_gap_days is None else _finite_or_none(season_gap_days[i])
+            source = None if denominators is None else denominators[i]
+            ref = (short_refs or {}).get(loc, None if old is None else old.short_ref)
             ema = float(
                 ema_update(
                     np.array([np.nan if old is None else old.ratio_ema]),
@@ -95,6 +114,10 @@ class ChangeState:
                 short_dist=float(short_dist[i]),
                 updates=1 if old is None else old.updates + 1,
                 changed=False if old is None else old.changed,
+                change_probability=None if old is None else old.change_probability,
+                short_ref=ref,
+                season_gap_days=gap,
+                denominator=source,
             )
             self._dirty.add(loc)
             self._events.append(
@@ -108,30 +131,38 @@ class ChangeState:
                     query_observation_id=int(query_ids[i]),
                     positive_observation_id=positive_ids[i],
                     longterm_observation_id=int(longterm_ids[i]),
+                    season_gap_days=gap,
+                    denominator=source,
                 )
             )
 
     def reclassify(self, mixture: ChangeMixture) -> int:
-        """Set every location's ``changed`` from the mixture; returns how many flipped."""
+        """Set every location's ``changed`` and change probability from the mixture.
+
+        A location flips only when its posterior passes 0.5 by the mixture's
+        margin (:meth:`ChangeMixture.classify`), so a refit on much the same
+        ratios does not flip locations back and forth on noise.
+
+        Returns:
+            How many locations flipped.
+        """
         if not self._rows:
             return 0
         locs = list(self._rows)
-        flags = mixture.changed(np.array([self._rows[loc].ratio_ema for loc in locs]))
+        r = np.array([self._rows[loc].ratio_ema for loc in locs])
+        previous = np.array([self._rows[loc].changed for loc in locs], dtype=bool)
+        flags = mixture.classify(r, previous)
+        probability = mixture.posterior(r)
         flipped = 0
-        for loc, flag in zip(locs, flags.tolist(), strict=True):
+        for i, loc in enumerate(locs):
             row = self._rows[loc]
-            if row.changed != flag:
-                self._rows[loc] = EstimateRow(
-                    location_id=row.location_id,
-                    ratio_ema=row.ratio_ema,
-                    ratio_last=row.ratio_last,
-                    long_dist=row.long_dist,
-                    short_dist=row.short_dist,
-                    updates=row.updates,
-                    changed=bool(flag),
-                )
+            flag = bool(flags[i])
+            p = _finite_or_none(float(probability[i]))
+            p = None if p is None else round(min(1.0, max(0.0, p)), 3)
+            if row.changed != flag or row.change_probability != p:
+                self._rows[loc] = replace(row, changed=flag, change_probability=p)
                 self._dirty.add(loc)
-                flipped += 1
+                flipped += int(row.changed != flag)
         return flipped
 
     def take_pending(self) -> tuple[list[EstimateRow], list[EventRow]]:
@@ -141,3 +172,8 @@ class ChangeState:
         self._dirty = set()
         self._events = []
         return estimates, events
+
+
+def _finite_or_none(value: float) -> float | None:
+    out = float(value)
+    return out if np.isfinite(out) else None

@@ -185,6 +185,8 @@ def read_batch(
         query_id=tuples.query_id[rows],
         positive_id=positive,
         longterm_id=longterm,
+        query_time=tuples.query_time[rows],
+        longterm_time=np.where(longterm >= 0, tuples.longterm_time[rows], np.nan),
     )
     shapes = {chip.shape for chip in chips.values()}
     if len(shapes) != 1:

@@ -7,6 +7,12 @@ For a location l the learner needs
   (2 weeks to 4 months by default);
 - k_lt, an image of l from an earlier period: ``t_lt ≤ t0 - long_min`` (330 days
   by default) with its day of year within ``doy_window`` (±45 days) of t0's.
+  A location none of whose image pairs meets both (two dates 9 months apart, or a
+  year apart in different seasons) falls back to the nearest-season image more
+  than ``short_max`` before t0 (any earlier image that is not a short-term
+  partner), so a place with two dates far enough apart is still measured;
+  :attr:`TupleBatch.season_gap_days` records how far apart the two days of year
+  are, so the estimate can say how seasonal its pair is.
 
 Only observations above the learner's valid-fraction and below its
 cloud-fraction thresholds are mined; :class:`ObservationIndex` holds them in
@@ -20,8 +26,9 @@ observation, t0 within a location with the weight of each observation; k+ and
 k_lt uniformly among their candidates.
 
 Fallbacks: a location with no k+ candidate still trains, with k+ a second
-augmented view of q (:attr:`TupleBatch.positive_id` is -1 and R is measured
-against that view); a location with no long-term image trains without a
+augmented view of q (:attr:`TupleBatch.positive_id` is -1; R's denominator is
+then calibrated, see :mod:`revisit.learner.calibration`); a location with no
+long-term image trains without a
 change update (:attr:`TupleBatch.longterm_id` is -1).
 
 Everything here is pure: numpy in, numpy out, randomness from the caller's
@@ -40,6 +47,8 @@ from revisit.errors import LearnerError
 
 DAY_S = 86_400.0
 YEAR_DAYS = 365.2425
+#: Fallback k_lt candidates within this many days of year of the nearest season.
+SEASON_TIE_DAYS = 1.0
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -95,12 +104,24 @@ class TupleBatch:
         query_id: (B,) observation of q.
         positive_id: (B,) observation of k+, -1 where k+ is a second view of q.
         longterm_id: (B,) observation of k_lt, -1 where the location has none yet.
+        query_time: (B,) acquisition time of q, POSIX seconds.
+        longterm_time: (B,) acquisition time of k_lt, NaN where there is none.
     """
 
     location_id: IntArray
     query_id: IntArray
     positive_id: IntArray
     longterm_id: IntArray
+    query_time: FloatArray
+    longterm_time: FloatArray
+
+    @property
+    def season_gap_days(self) -> FloatArray:
+        """(B,) days between the days of year of q and k_lt (circular), NaN without k_lt."""
+        out = np.full(self.query_time.shape, np.nan)
+        have = np.isfinite(self.longterm_time)
+        out[have] = _doy_matrix(self.longterm_time[have], self.query_time[have])
+        return out
 
     def __len__(self) -> int:
         return int(self.location_id.shape[0])
@@ -125,6 +146,7 @@ class ObservationIndex:
         self._locations = np.empty(0, dtype=np.int64)
         self._starts = np.empty(0, dtype=np.int64)
         self._counts = np.empty(0, dtype=np.int64)
+        self._standard: dict[tuple[int, float, float], bool] = {}
 
     def __len__(self) -> int:
         return int(self._id.shape[0])
@@ -187,7 +209,26 @@ class ObservationIndex:
         self._locations = locations.astype(np.int64)
         self._starts = starts.astype(np.int64)
         self._counts = counts.astype(np.int64)
+        self._standard = {}
         self._grouped = True
+
+    def _has_standard_pair(self, group: int, times: FloatArray, policy: MiningPolicy) -> bool:
+        """Whether any two images of a location make a k_lt within the policy's windows."""
+        key = (group, policy.long_min_days, policy.doy_window_days)
+        found = self._standard.get(key)
+        if found is None:
+            long_min = policy.long_min_days * DAY_S
+            found = False
+            for start in range(0, times.size, 512):  # bounded memory for long series
+                t0 = times[start : start + 512, None]
+                ok = (times[None, :] <= t0 - long_min) & (
+                    _doy_matrix(times[None, :], t0) <= policy.doy_window_days
+                )
+                if ok.any():
+                    found = True
+                    break
+            self._standard[key] = found
+        return found
 
     def sample(
         self, rng: np.random.Generator, *, batch_size: int, policy: MiningPolicy
@@ -233,6 +274,8 @@ class ObservationIndex:
         query = np.empty(b, dtype=np.int64)
         positive = np.full(b, -1, dtype=np.int64)
         longterm = np.full(b, -1, dtype=np.int64)
+        query_time = np.empty(b, dtype=np.float64)
+        longterm_time = np.full(b, np.nan, dtype=np.float64)
         for row, g in enumerate(chosen.tolist()):
             lo, hi = int(self._starts[g]), int(ends[g])
             t = times[lo:hi]
@@ -242,21 +285,38 @@ class ObservationIndex:
             i0 = int(rng.choice(hi - lo, p=w / w.sum()))
             t0 = t[i0]
             query[row] = self._id[self._order[lo + i0]]
+            query_time[row] = t0
             gap = np.abs(t - t0)
             short = np.flatnonzero((gap >= short_min) & (gap <= short_max))
             if short.size:
                 positive[row] = self._id[self._order[lo + int(rng.choice(short))]]
-            long = np.flatnonzero(
-                (t <= t0 - long_min) & (doy_distance(t, t0) <= policy.doy_window_days)
-            )
+            season = doy_distance(t, t0)
+            long = np.flatnonzero((t <= t0 - long_min) & (season <= policy.doy_window_days))
+            if not long.size and not self._has_standard_pair(g, t, policy):
+                # The nearest-season earlier image that is not a short-term partner.
+                earlier = np.flatnonzero(t < t0 - short_max)
+                if earlier.size:
+                    nearest = season[earlier].min()
+                    long = earlier[season[earlier] <= nearest + SEASON_TIE_DAYS]
             if long.size:
-                longterm[row] = self._id[self._order[lo + int(rng.choice(long))]]
+                pick = lo + int(rng.choice(long))
+                longterm[row] = self._id[self._order[pick]]
+                longterm_time[row] = times[pick]
         return TupleBatch(
             location_id=self._locations[chosen],
             query_id=query,
             positive_id=positive,
             longterm_id=longterm,
+            query_time=query_time,
+            longterm_time=longterm_time,
         )
+
+
+def _doy_matrix(t: FloatArray, t0: FloatArray) -> FloatArray:
+    """Circular day-of-year distances between broadcast arrays of POSIX times."""
+    days = (t - t0) / DAY_S
+    d: FloatArray = np.abs(np.remainder(days + YEAR_DAYS / 2, YEAR_DAYS) - YEAR_DAYS / 2)
+    return d
 
 
 def doy_distance(t: FloatArray | float, t0: float) -> FloatArray:

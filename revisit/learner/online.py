@@ -40,7 +40,8 @@ from revisit.db import learning
 from revisit.errors import ChipStoreError, DegenerateRatiosError, LearnerError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
-from revisit.learner.change import ChangeMixture, fit_change_mixture
+from revisit.learner.calibration import ShortTermReference, pair_key
+from revisit.learner.change import DEFAULT_EPS, ChangeMixture, fit_change_mixture
 from revisit.learner.encoder import band_statistics
 from revisit.learner.estimates import ChangeState
 from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
@@ -102,12 +103,18 @@ def _mixture_to_dict(mixture: ChangeMixture | None) -> dict[str, Any] | None:
 def _mixture_from_dict(raw: Any) -> ChangeMixture | None:
     if raw is None:
         return None
+    bic = raw.get("bic")
+    separation = raw.get("separation")
     return ChangeMixture(
         log_means=(float(raw["log_means"][0]), float(raw["log_means"][1])),
         log_stds=(float(raw["log_stds"][0]), float(raw["log_stds"][1])),
         weights=(float(raw["weights"][0]), float(raw["weights"][1])),
         threshold=None if raw["threshold"] is None else float(raw["threshold"]),
         n_samples=int(raw["n_samples"]),
+        # Checkpoints from before model selection always held two components.
+        components=int(raw.get("components", 2)),
+        bic=None if bic is None else (float(bic[0]), float(bic[1])),
+        separation=None if separation is None else float(separation),
     )
 
 
@@ -156,6 +163,7 @@ class OnlineLearner:
         self.clusters: dict[int, int] | None = None
         self._trainer: Trainer | None = None
         self._state: ChangeState | None = None
+        self._reference = ShortTermReference()
         self._loader: BatchLoader | None = None
         self._lock_conn: Connection | None = None
         self._last_checkpoint_step = 0
@@ -263,6 +271,8 @@ class OnlineLearner:
         self._last_checkpoint_step = self.step
         self._trainer = trainer
         self._state = ChangeState(estimates, beta=self.config.beta)
+        self._reference = ShortTermReference(own=self._state.short_refs())
+        self._reference.load_state_dict(None if payload is None else payload.get("calibration"))
         if self.method == "geo-tp":
             self._assign_clusters()
 
@@ -432,17 +442,35 @@ class OnlineLearner:
         if not np.isfinite(result.loss):
             raise LearnerError(f"step {step}: the loss is {result.loss}; training diverged")
         self.step = step
-        rows = np.flatnonzero(np.isfinite(result.ratio))
+        # R's denominator: the real short-term distance where k+ is a real second date,
+        # else a calibrated one (revisit.learner.calibration).
+        gaps = tuples.season_gap_days
+        keys = [
+            pair_key(float(q), float(lt)) if np.isfinite(lt) else None
+            for q, lt in zip(tuples.query_time.tolist(), tuples.longterm_time.tolist(), strict=True)
+        ]
+        denominators = self._reference.denominators(
+            location_ids=tuples.location_id.tolist(),
+            short_dist=result.short_dist,
+            long_dist=result.long_dist,
+            real_positive=tuples.positive_id >= 0,
+            pair_keys=keys,
+        )
+        ratio = result.long_dist / (denominators.value + DEFAULT_EPS)
+        rows = np.flatnonzero(np.isfinite(ratio))
         if rows.size:
             self.state.update(
                 step=step,
                 location_ids=tuples.location_id[rows].tolist(),
-                ratio=result.ratio[rows].tolist(),
+                ratio=ratio[rows].tolist(),
                 long_dist=result.long_dist[rows].tolist(),
-                short_dist=result.short_dist[rows].tolist(),
+                short_dist=denominators.value[rows].tolist(),
                 query_ids=tuples.query_id[rows].tolist(),
                 positive_ids=[None if p < 0 else p for p in tuples.positive_id[rows].tolist()],
                 longterm_ids=tuples.longterm_id[rows].tolist(),
+                season_gap_days=gaps[rows].tolist(),
+                denominators=[denominators.source[i] for i in rows.tolist()],
+                short_refs=self._reference.own,
             )
         if step >= self.config.warmup_steps and (
             self.mixture is None or step % self.config.refit_every == 0
@@ -516,11 +544,17 @@ class OnlineLearner:
         flipped = self.state.reclassify(mixture)
         self.mixture = mixture
         logger.info(
-            "step %d: change mixture refitted on %d ratios (threshold %s); %d locations flipped",
+            "step %d: change mixture refitted on %d ratios: %d component(s)%s (BIC %s,"
+            " separation %s), threshold %s; %d locations flipped, %.1f%% changed",
             self.step,
             mixture.n_samples,
+            mixture.components,
+            "" if mixture.components == 2 else ", no changed population",
+            "n/a" if mixture.bic is None else f"{mixture.bic[0]:.1f} vs {mixture.bic[1]:.1f}",
+            "n/a" if mixture.separation is None else f"{mixture.separation:.2f}",
             "none" if mixture.threshold is None else f"{mixture.threshold:.3f}",
             flipped,
+            100 * self.state.changed_fraction(),
         )
         return mixture
 
@@ -543,6 +577,7 @@ class OnlineLearner:
             "mixture": _mixture_to_dict(self.mixture),
             "geo_centroids": None if self.geo_centroids is None else self.geo_centroids.tolist(),
             "torch_rng": torch.get_rng_state(),
+            "calibration": self._reference.state_dict(),
             "settings": self.config.model_dump(mode="json"),
             "revisit_version": revisit.__version__,
             "created_at": datetime.now(UTC).isoformat(),
@@ -556,6 +591,12 @@ class OnlineLearner:
                 "changed_fraction": self.state.changed_fraction(),
                 "measured": len(self.state),
                 "mixture": _mixture_to_dict(self.mixture),
+                # What v_change judges an unmeasured location's observations by.
+                "usable": {
+                    "min_valid_fraction": self.config.min_valid_fraction,
+                    "max_cloud_fraction": self.config.max_cloud_fraction,
+                    "pair_gap_days": self.config.short_max_days,
+                },
             }
             with self.engine.begin() as conn:
                 version = learning.insert_model_version(

@@ -57,6 +57,14 @@ def seed(conn: sa.Connection) -> None:
             """
         )
     )
+    # Four places ingest has not reached yet: in v_change, without an estimate.
+    conn.execute(
+        sa.text(
+            "INSERT INTO location (geom, origin) SELECT"
+            " ST_SetSRID(ST_MakePoint(2.41, 48.82 + 0.01 * i), 4326), 'manual'"
+            " FROM generate_series(0, 3) AS i"
+        )
+    )
     conn.execute(
         sa.text(
             "INSERT INTO change_event (location_id, step, ratio, ratio_ema, long_dist, short_dist)"

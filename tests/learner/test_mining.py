@@ -168,3 +168,64 @@ def test_chip_cache_reads_once_and_keeps_to_its_budget(tmp_path: Path) -> None:
     assert int(cache.get(store, stored[3].key, stored[3].sha256)[0, 0, 0]) == 3  # cached
     with pytest.raises(ChipStoreError, match="fails its hash"):
         cache.get(store, stored[0].key, stored[0].sha256)  # evicted: read and checked again
+
+
+def test_dates_nine_months_apart_fall_back_to_the_nearest_season() -> None:
+    # As OSCD's bercy: two dates 272 days apart, under long_min_days (330).
+    index = ObservationIndex()
+    index.extend(_table([(1, 1, 0), (2, 2, 0), (3, 1, 272), (4, 2, 272)]))
+    rng = np.random.default_rng(0)
+    seen = 0
+    for _ in range(40):
+        batch = index.sample(rng, batch_size=2, policy=MiningPolicy())
+        for q, lt, gap in zip(
+            batch.query_id.tolist(),
+            batch.longterm_id.tolist(),
+            batch.season_gap_days.tolist(),
+            strict=True,
+        ):
+            if q in (3, 4):  # the newer date: the older one stands in for k_lt
+                assert lt == q - 2
+                assert gap == pytest.approx(365.2425 - 272, abs=0.01)
+                seen += 1
+            else:  # nothing before the older date
+                assert lt == -1 and np.isnan(gap)
+    assert seen > 0
+
+
+def test_a_year_apart_in_another_season_is_measured_with_its_gap() -> None:
+    # 445 days apart: long enough, but 80 days of year apart, outside the ±45-day window.
+    index = ObservationIndex()
+    index.extend(_table([(1, 1, 0), (2, 2, 0), (3, 1, 445), (4, 2, 445)]))
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(20):
+        batch = index.sample(rng, batch_size=2, policy=MiningPolicy(doy_window_days=45))
+        newer = np.flatnonzero(batch.query_id >= 3)
+        assert (batch.longterm_id[newer] == batch.query_id[newer] - 2).all()
+        gaps += batch.season_gap_days[newer].tolist()
+    assert gaps and np.allclose(gaps, 445 - 365.2425, atol=0.01)
+
+
+def test_the_fallback_is_for_places_without_any_standard_pair() -> None:
+    # A dense series two years long has standard pairs: a query in its first year
+    # gets no off-season stand-in, it waits for a long-term image of its own season.
+    rows = [(k + 1, 1 + (k % 2), 5.0 * (k // 2)) for k in range(2 * 146)]
+    index = ObservationIndex()
+    index.extend(_table(rows))
+    day = _days(rows)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        batch = index.sample(rng, batch_size=2, policy=MiningPolicy())
+        for q, lt in zip(batch.query_id.tolist(), batch.longterm_id.tolist(), strict=True):
+            if lt >= 0:
+                assert day[q] - day[lt] >= 330
+
+
+def test_dates_within_the_short_window_give_no_long_term_pair() -> None:
+    index = ObservationIndex()
+    index.extend(_table([(1, 1, 0), (2, 2, 0), (3, 1, 90), (4, 2, 90)]))
+    for seed in range(10):
+        batch = index.sample(np.random.default_rng(seed), batch_size=2, policy=MiningPolicy())
+        assert batch.longterm_id.tolist() == [-1, -1]
+        assert (batch.positive_id >= 0).all()  # 90 days: a short-term pair instead

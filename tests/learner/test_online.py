@@ -223,3 +223,91 @@ def test_an_empty_database_says_what_to_do(engine: sa.Engine, tmp_path: Path) ->
         learner.run(1)
     with engine.connect() as conn:
         assert learning.latest_model_version(conn) is None
+
+
+def _keep_two_dates(engine: sa.Engine) -> None:
+    """Leave each location two usable dates about 9 months apart (as OSCD's bercy)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "WITH usable AS (SELECT id, location_id, acquired_at FROM observation"
+                "  WHERE valid_fraction >= 0.8 AND cloud_fraction <= 0.2),"
+                " first AS (SELECT DISTINCT ON (location_id) id, location_id, acquired_at"
+                "  FROM usable WHERE acquired_at >= '2023-02-01'"
+                "  ORDER BY location_id, acquired_at),"
+                " second AS (SELECT DISTINCT ON (u.location_id) u.id FROM usable u"
+                "  JOIN first f ON f.location_id = u.location_id"
+                "  WHERE u.acquired_at >= f.acquired_at + interval '270 days'"
+                "  ORDER BY u.location_id, u.acquired_at)"
+                " DELETE FROM observation WHERE id NOT IN (SELECT id FROM first)"
+                " AND id NOT IN (SELECT id FROM second)"
+            )
+        )
+
+
+def test_two_dates_are_measured_with_a_calibrated_denominator_and_v_change_says_why(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    _keep_two_dates(world_engine)
+    with world_engine.begin() as conn:
+        ids = [int(r[0]) for r in conn.execute(sa.text("SELECT id FROM location ORDER BY id"))]
+        # One location with its older date only, one with no observation at all.
+        conn.execute(
+            sa.text(
+                "DELETE FROM observation WHERE location_id = :a AND acquired_at ="
+                " (SELECT max(acquired_at) FROM observation WHERE location_id = :a)"
+            ),
+            {"a": ids[0]},
+        )
+        conn.execute(sa.text("DELETE FROM observation WHERE location_id = :b"), {"b": ids[1]})
+    # Default mining windows: 9 months is under long_min_days, so only the fallback measures.
+    settings = learner_settings(world_url, tmp_path / "var", warmup_steps=6, refit_every=3)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(24)
+    rows = {
+        int(r.location_id): r
+        for r in _rows(
+            world_engine,
+            "SELECT location_id, measured, unmeasured_reason, denominator, season_gap_days,"
+            " change_probability, changed, ratio_ema, short_dist, long_dist FROM v_change",
+        )
+    }
+    assert len(rows) == len(ids)  # every location, measured or not
+    assert rows[ids[0]].unmeasured_reason == "one usable date only"
+    assert rows[ids[1]].unmeasured_reason == "no observation"
+    measured = [rows[i] for i in ids[2:]]
+    assert all(r.measured and r.unmeasured_reason is None for r in measured)
+    assert {r.denominator for r in measured} == {"date-pair"}
+    assert all(60 < r.season_gap_days < 100 for r in measured)  # 270-ish days apart
+    # Eight places: under the ten a mixture needs, so no refit and no probability yet.
+    assert all(r.change_probability is None and not r.changed for r in measured)
+    # The denominator is the typical distance of the pair of dates, not a view's.
+    for r in measured:
+        assert r.ratio_ema > 0 and r.short_dist > 0.05
+    events = _rows(
+        world_engine,
+        "SELECT denominator, season_gap_days, positive_observation_id FROM change_event",
+    )
+    assert events and {e.denominator for e in events} == {"date-pair"}
+    assert all(e.positive_observation_id is None for e in events)
+
+
+def test_real_short_term_pairs_keep_cacos_ratio(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    settings = learner_settings(world_url, tmp_path / "var")
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(10)
+    events = _rows(
+        world_engine,
+        "SELECT ratio, long_dist, short_dist, denominator, positive_observation_id"
+        " FROM change_event",
+    )
+    assert events
+    for e in events:
+        if e.positive_observation_id is not None:
+            assert e.denominator == "pair"
+            assert e.ratio == pytest.approx(e.long_dist / (e.short_dist + 1e-4))
+        else:
+            assert e.denominator in ("own", "others", "date-pair")
+    assert _scalar(world_engine, "SELECT count(*) FROM change_estimate WHERE short_ref IS NOT NULL")

@@ -157,6 +157,8 @@ def test_a_missing_k_plus_falls_back_to_a_view_at_the_chips_size_and_trains() ->
         query_id=np.arange(n),
         positive_id=np.full(n, -1),
         longterm_id=np.arange(n, 2 * n),
+        query_time=np.full(n, 4e8),
+        longterm_time=np.full(n, 3e8),
     )
     raw = RawBatch(
         step=1, tuples=tuples, query=chips, positive=np.zeros_like(chips), longterm=chips
