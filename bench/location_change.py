@@ -44,8 +44,11 @@ What a SQL user of ``v_change`` gets, scored against the OSCD change labels:
    Coverage: measured locations / locations, per city and over all 14, and the
    reasons ``v_change`` gives for the rest.
 
-    .venv/bin/python bench/location_change.py [--minutes 8] [--data-dir var/location-change]
-        [--config FILE] [--skip-ingest] [--keep-model]
+    .venv/bin/python bench/location_change.py [--minutes 8 | --steps N]
+        [--data-dir var/location-change] [--config FILE] [--skip-ingest] [--keep-model]
+
+``--skip-ingest`` with a new model keeps the estimates of the last run
+(``--new-model`` carries them on), so a fresh directory is the clean protocol.
 
 The figure printed last: the AUROC at 1 % of the stored estimate (r) against the
 CVA chip mean's, and the flag's precision.
@@ -348,6 +351,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
     parser.add_argument("--data-dir", type=Path, default=Path("var/location-change"))
     parser.add_argument("--minutes", type=float, default=8.0, help="learning budget")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="learn this many steps instead (the same figures on a busy machine)",
+    )
     parser.add_argument("--config", type=Path, help="TOML settings merged on the defaults")
     parser.add_argument("--skip-ingest", action="store_true", help="reuse DIR's database and chips")
     parser.add_argument(
@@ -368,7 +376,10 @@ def main() -> None:
         if not args.skip_ingest:
             prepare(ws, args.data)
         if not args.keep_model:
-            got = ws.learn(minutes=args.minutes, new_model=True)
+            if args.steps is not None:
+                got = ws.learn(steps=args.steps, new_model=True)
+            else:
+                got = ws.learn(minutes=args.minutes, new_model=True)
             print(
                 f"learn: {got.steps} steps in {got.seconds:.0f} s, {got.images_per_s:.0f} images/s"
             )
