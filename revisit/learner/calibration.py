@@ -122,8 +122,10 @@ class ShortTermReference:
                 self._pairs.move_to_end(key)
         while len(self._pairs) > MAX_PAIRS:
             self._pairs.popitem(last=False)
-        others = self._others()
-        everything = self._all_pairs()
+        # Computed once per call, and only if a row needs them: the reservoirs can be large.
+        others: float | None = None
+        everything: float | None = None
+        others_known = False
         value = np.full(n, np.nan)
         source = ["pair"] * n
         for i in range(n):
@@ -133,17 +135,23 @@ class ShortTermReference:
             key = pair_keys[i]
             if real[i]:
                 value[i], source[i] = short[i], "pair"
-            elif loc in self.own:
+                continue
+            if loc in self.own:
                 value[i], source[i] = self.own[loc], "own"
-            elif others is not None:
+                continue
+            if not others_known:
+                others, others_known = self._others(), True
+            if others is not None:
                 value[i], source[i] = others, "others"
+                continue
+            held = self._pairs.get(key) if key is not None else None
+            if held is not None and len(held) >= MIN_PAIR:
+                value[i] = float(np.median(np.fromiter(held, dtype=np.float64)))
             else:
-                held = self._pairs.get(key) if key is not None else None
-                if held is not None and len(held) >= MIN_PAIR:
-                    value[i] = float(np.median(np.fromiter(held, dtype=np.float64)))
-                else:
-                    value[i] = everything
-                source[i] = "date-pair"
+                if everything is None:
+                    everything = self._all_pairs()
+                value[i] = everything
+            source[i] = "date-pair"
         return Denominators(value=value, source=source)
 
     def _others(self) -> float | None:
