@@ -120,7 +120,7 @@ class TupleBatch:
         """(B,) days between the days of year of q and k_lt (circular), NaN without k_lt."""
         out = np.full(self.query_time.shape, np.nan)
         have = np.isfinite(self.longterm_time)
-        out[have] = _doy_matrix(self.longterm_time[have], self.query_time[have])
+        out[have] = doy_distance(self.longterm_time[have], self.query_time[have])
         return out
 
     def __len__(self) -> int:
@@ -222,7 +222,7 @@ class ObservationIndex:
             for start in range(0, times.size, 512):  # bounded memory for long series
                 t0 = times[start : start + 512, None]
                 ok = (times[None, :] <= t0 - long_min) & (
-                    _doy_matrix(times[None, :], t0) <= policy.doy_window_days
+                    doy_distance(times[None, :], t0) <= policy.doy_window_days
                 )
                 if ok.any():
                     found = True
@@ -312,15 +312,11 @@ class ObservationIndex:
         )
 
 
-def _doy_matrix(t: FloatArray, t0: FloatArray) -> FloatArray:
-    """Circular day-of-year distances between broadcast arrays of POSIX times."""
-    days = (t - t0) / DAY_S
-    d: FloatArray = np.abs(np.remainder(days + YEAR_DAYS / 2, YEAR_DAYS) - YEAR_DAYS / 2)
-    return d
+def doy_distance(t: FloatArray | float, t0: FloatArray | float) -> FloatArray:
+    """Circular distance in days between the days of year of POSIX times ``t`` and ``t0``.
 
-
-def doy_distance(t: FloatArray | float, t0: float) -> FloatArray:
-    """Circular distance in days between the days of year of POSIX times ``t`` and ``t0``."""
+    Element-wise, with numpy broadcasting between ``t`` and ``t0``.
+    """
     days = (np.asarray(t, dtype=np.float64) - t0) / DAY_S
     d: FloatArray = np.abs(np.remainder(days + YEAR_DAYS / 2, YEAR_DAYS) - YEAR_DAYS / 2)
     return d
