@@ -291,12 +291,29 @@ class ExportSettings(_Section):
         gt=0,
         description="Cell size of change-map COGs in degrees; None: the median location spacing.",
     )
-    pair_scoring: Literal["dense", "windows"] = Field(
-        default="dense",
+    pair_scoring: Literal["hypercolumn", "stem", "dense", "windows"] = Field(
+        default="hypercolumn",
         description=(
-            "How a pair change map scores pixels: the encoder's stem at every pixel (dense),"
-            " or whole-model embeddings of sliding windows (windows)."
+            "How a pair change map scores pixels: deep change vector analysis on the dense"
+            " model's feature maps (hypercolumn), the encoder's stem at every pixel (stem;"
+            " 'dense' is its old name), or whole-model embeddings of sliding windows (windows)."
         ),
+    )
+    pair_keep: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of each level's channels a hypercolumn pair map keeps.",
+    )
+    pair_threshold_method: str = Field(
+        default="",
+        description="How a pair map's change mask is thresholded; '' = the default method.",
+    )
+    pair_opening_px: int = Field(
+        default=0, ge=0, le=50, description="Opening radius (pixels) of a pair map's change mask."
+    )
+    pair_min_area_m2: float = Field(
+        default=0.0, ge=0, description="Minimum mapping unit (m²) of a pair map's change mask."
     )
     pair_stride: int = Field(
         default=16,

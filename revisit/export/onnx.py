@@ -13,7 +13,17 @@ Two modules are cut from a :class:`~revisit.learner.heads.ContrastiveModel`:
   the R the database holds, up to the BatchNorm mode (exported models run in
   eval mode: running statistics, not the statistics of one training batch).
 
-Both take float32 reflectance, shape (N, 12, H, W), bands in
+- :class:`DenseModel`: the **key** encoder's intermediate feature maps, for
+  per-pixel change maps (deep change vector analysis, Saha et al., TGRS 2019):
+  four outputs, ``stem`` (the first convolution, BatchNorm and ReLU evaluated
+  at *every* pixel: stride 1, 64 channels), ``layer1`` (64 channels, stride 4),
+  ``layer2`` (128, stride 8) and ``layer3`` (256, stride 16) -- the maps the
+  strided network computes, the stem's stride-2 map being the even pixels of
+  the stride-1 one. The metadata's ``dense_outputs`` lists them as
+  ``name:stride:channels``; ``dense_receptive_field`` is layer3's receptive
+  field in pixels (the halo a tiled consumer needs).
+
+All take float32 reflectance, shape (N, 12, H, W), bands in
 :data:`~revisit.types.CANONICAL_BANDS` order, ``DN * 1e-4``: the consumer
 scales; the graph standardises each band itself (the statistics frozen into the
 model, recorded as ``band_mean`` and ``band_std``), so consumers never do. The
@@ -52,9 +62,11 @@ from revisit.learner.heads import ContrastiveModel, ProjectionHead, l2_normalize
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
 __all__ = [
+    "DENSE_LAYERS",
     "INPUT_NAME",
     "METADATA_KEYS",
     "MIN_SIZE",
+    "DenseModel",
     "EmbeddingModel",
     "FeatureModel",
     "Output",
@@ -66,7 +78,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Output = Literal["features", "embedding"]
+Output = Literal["features", "embedding", "dense"]
 
 #: Name of the one input of every exported model.
 INPUT_NAME = "reflectance"
@@ -105,6 +117,21 @@ METADATA_KEYS: tuple[str, ...] = (
     "revisit_version",
     "opset",
 )
+#: Extra metadata properties of a ``dense`` model.
+DENSE_METADATA_KEYS: tuple[str, ...] = (
+    "dense_outputs",  # "stem:1:64,layer1:4:64,layer2:8:128,layer3:16:256" (name:stride:channels)
+    "dense_receptive_field",  # layer3's receptive field, pixels
+)
+#: The feature maps of a ``dense`` model: (output name, stride, channels).
+DENSE_LAYERS: tuple[tuple[str, int, int], ...] = (
+    ("stem", 1, 64),
+    ("layer1", 4, 64),
+    ("layer2", 8, 128),
+    ("layer3", 16, 256),
+)
+#: Receptive field (pixels) of a ResNet-18's layer3: 7x7/2 stem, 3x3/2 max-pool, then
+#: 3x3 convolutions -- 4 at stride 4 (layer1), 4 at stride 8, 4 at stride 16.
+DENSE_RECEPTIVE_FIELD = 7 + 2 * 2 + 4 * 2 * 4 + 4 * 2 * 8 + 4 * 2 * 16
 
 
 class FeatureModel(nn.Module):
@@ -174,8 +201,62 @@ class EmbeddingModel(nn.Module):
         return l2_normalize(self.head(self.encoder(reflectance)))
 
 
+class DenseModel(nn.Module):
+    """The key encoder's feature maps at four depths, for per-pixel change maps.
+
+    The stem's convolution runs at stride 1 with the trained weights (same
+    padding), so ``stem`` has a feature vector for every pixel; its even rows
+    and columns are exactly the stride-2 map the network goes on with (max-pool,
+    layer1, layer2, layer3). Spatial sizes: ``stem`` H x W; ``layerK`` ceil(H /
+    stride) x ceil(W / stride).
+
+    Args:
+        model: The trained model; its key encoder is copied.
+    """
+
+    output: Output = "dense"
+
+    def __init__(self, model: ContrastiveModel) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(model.key_encoder).cpu()
+        self.output_dim = int(self.encoder.conv1.out_channels)
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, reflectance: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Feature maps of chips.
+
+        Args:
+            reflectance: (N, 12, H, W) float32, DN * 1e-4.
+
+        Returns:
+            ``stem`` (N, 64, H, W), ``layer1`` (N, 64, H/4, W/4), ``layer2``
+            (N, 128, H/8, W/8), ``layer3`` (N, 256, H/16, W/16).
+        """
+        enc = self.encoder
+        conv = enc.conv1
+        x = enc.normalize(reflectance)
+        stem = enc.relu(
+            enc.bn1(nn.functional.conv2d(x, conv.weight, conv.bias, stride=1, padding=conv.padding))
+        )
+        x = enc.maxpool(stem[:, :, ::2, ::2])
+        layer1 = enc.layer1(x)
+        layer2 = enc.layer2(layer1)
+        layer3 = enc.layer3(layer2)
+        return stem, layer1, layer2, layer3
+
+
+Exportable = FeatureModel | EmbeddingModel | DenseModel
+
+
+def _output_names(module: Exportable) -> list[str]:
+    if isinstance(module, DenseModel):
+        return [name for name, _, _ in DENSE_LAYERS]
+    return [module.output]
+
+
 def model_metadata(
-    module: FeatureModel | EmbeddingModel,
+    module: Exportable,
     *,
     method: str,
     step: int,
@@ -203,13 +284,20 @@ def model_metadata(
         Strings by key.
     """
     is_embedding = isinstance(module, EmbeddingModel)
+    is_dense = isinstance(module, DenseModel)
     normalize = module.encoder.normalize
     stamp = (created_at or datetime.now(UTC)).astimezone(UTC)
+    extra: dict[str, str] = {}
+    if is_dense:
+        extra = {
+            "dense_outputs": ",".join(f"{n}:{s}:{c}" for n, s, c in DENSE_LAYERS),
+            "dense_receptive_field": str(DENSE_RECEPTIVE_FIELD),
+        }
     return {
         "format": "revisit-onnx/1",
         "output": module.output,
         "output_dim": str(module.output_dim),
-        "encoder": "key" if is_embedding else "query",
+        "encoder": "key" if is_embedding or is_dense else "query",
         "head": "0" if is_embedding else "",
         "normalized": "l2" if is_embedding else "none",
         "input_name": INPUT_NAME,
@@ -230,6 +318,7 @@ def model_metadata(
         "created_at": stamp.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "revisit_version": revisit.__version__,
         "opset": str(int(opset)),
+        **extra,
     }
 
 
@@ -253,7 +342,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_model(
-    module: FeatureModel | EmbeddingModel,
+    module: Exportable,
     path: Path,
     *,
     metadata: Mapping[str, str],
@@ -269,7 +358,8 @@ def export_model(
     onto ``path``.
 
     Args:
-        module: A :class:`FeatureModel` or :class:`EmbeddingModel` (in eval mode).
+        module: A :class:`FeatureModel`, :class:`EmbeddingModel` or :class:`DenseModel`
+            (in eval mode).
         path: Where the ``.onnx`` file goes; its directory must exist.
         metadata: String properties to store (see :func:`model_metadata`).
         opset: The ONNX opset.
@@ -292,7 +382,7 @@ def export_model(
                 (example,),
                 dynamo=True,
                 input_names=[INPUT_NAME],
-                output_names=[module.output],
+                output_names=_output_names(module),
                 dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
                 opset_version=opset,
                 verbose=False,
@@ -369,7 +459,9 @@ def parity_check(
         tolerance: Largest max-abs difference allowed.
 
     Returns:
-        The largest absolute difference between the two outputs.
+        The largest absolute difference between the two outputs (for outputs
+        larger than 1 in magnitude, relative to the largest magnitude); for a
+        model with several outputs, the largest over them.
 
     Raises:
         ParityError: The difference exceeds ``tolerance`` (or is not finite);
@@ -384,17 +476,31 @@ def parity_check(
     reflectance = chips_dn.astype(np.float32) * np.float32(DN_SCALE)
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {session.get_inputs()[0].name: reflectance})
+        got_all = session.run(None, {session.get_inputs()[0].name: reflectance})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"onnxruntime cannot run {onnx_path.name}: {exc}") from exc
     module.eval()
     with torch.inference_mode():
-        expected = module(torch.from_numpy(reflectance)).numpy()
-    if got.shape != expected.shape:
+        out = module(torch.from_numpy(reflectance))
+    expected_all = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+    if len(got_all) != len(expected_all):
         raise ParityError(
-            f"{onnx_path.name}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}"
+            f"{onnx_path.name}: onnxruntime gives {len(got_all)} outputs, PyTorch"
+            f" {len(expected_all)}"
         )
-    diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+    diff = 0.0
+    for got, expected in zip(got_all, expected_all, strict=True):
+        if got.shape != expected.shape:
+            raise ParityError(
+                f"{onnx_path.name}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}"
+            )
+        # Relative to the output's largest magnitude where that exceeds 1: feature maps are
+        # unnormalised (values in the tens), where float32 rounding alone exceeds 1e-4.
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        error = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+        diff = max(diff, error / scale) if not np.isnan(error) else float("nan")
+        if np.isnan(diff):
+            break
     if not diff <= tolerance:  # NaN fails too
         raise ParityError(
             f"{onnx_path.name} differs from PyTorch by {diff:.3g} (max abs) on"

@@ -45,7 +45,11 @@ transform, width, height), validated with rio-cogeo and published atomically
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,16 +65,25 @@ import rasterio
 import rasterio.errors
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.warp import Resampling, reproject
+from rasterio.warp import Resampling, reproject, transform_bounds
 from rasterio.windows import Window
 
 from revisit.errors import ExportError, SceneRejectedError
 from revisit.export.changemap import write_float_cog
+from revisit.export.hypercolumn import (
+    DEFAULT_KEEP,
+    DenseEncoder,
+    Level,
+    Scorer,
+    Tile,
+    score_tiles,
+)
 from revisit.fsutil import sha256_file
 from revisit.ingest.sources.geotiff import BAND_FILE
 from revisit.ingest.sources.local import LocalSource
 from revisit.ingest.sources.rasters import (
     Product,
+    chip_window,
     gdal_env,
     georef,
     one_line,
@@ -99,18 +112,25 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Scoring = Literal["dense", "windows"]
-#: The scorings :func:`pair_change_map` knows.
-SCORINGS: tuple[Scoring, ...] = ("dense", "windows")
+Scoring = Literal["hypercolumn", "stem", "windows"]
+#: The scorings :func:`pair_change_map` knows (``dense`` is accepted as the old name of ``stem``).
+SCORINGS: tuple[Scoring, ...] = ("hypercolumn", "stem", "windows")
 
 #: Description of the one band of a pair change map, by scoring.
 BAND_DESCRIPTION: dict[Scoring, str] = {
-    "dense": "feature_distance",
+    "hypercolumn": "hypercolumn_distance",
+    "stem": "feature_distance",
     "windows": "cosine_distance",
 }
 #: What the values mean (a dataset tag), by scoring.
 VALUES_MEANING: dict[Scoring, str] = {
-    "dense": (
+    "hypercolumn": (
+        "deep change vector analysis: sqrt of the mean over the dense model's levels (stem,"
+        " layer1, layer2, layer3) of the mean squared difference of the z-normalised kept"
+        " channels, upsampled to 10 m; each date's bands standardised over its usable pixels;"
+        " 0 = unchanged"
+    ),
+    "stem": (
         "Euclidean distance between the encoder stem's features (first convolution and ReLU,"
         " evaluated at every pixel) of the two dates, each date's bands standardised over its"
         " valid pixels; 0 = unchanged"
@@ -121,7 +141,11 @@ VALUES_MEANING: dict[Scoring, str] = {
     ),
 }
 #: Units of the values, by scoring.
-UNITS: dict[Scoring, str] = {"dense": "feature distance", "windows": "cosine distance"}
+UNITS: dict[Scoring, str] = {
+    "hypercolumn": "z-normalised feature distance",
+    "stem": "feature distance",
+    "windows": "cosine distance",
+}
 #: Target resolution (metres) of a projected product's grid.
 TARGET_RESOLUTION_M = 10.0
 #: Bands whose native resolution is 10 m; the grid comes from the finest of them.
@@ -174,6 +198,13 @@ class PairMapResult:
     window: int
     stride: int
     scoring: Scoring = "windows"
+    mask_path: Path | None = None
+    polygons_path: Path | None = None
+    threshold: float | None = None
+    threshold_method: str = ""
+    changed_pixels: int = 0
+    valid_pixels: int = 0
+    polygons: int = 0
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -320,6 +351,185 @@ def reproject_onto(scene: Scene, like: Scene) -> Scene:
         )
     valid = np.all(np.isfinite(dn), axis=0)
     return Scene(dn, like.crs, like.transform, like.width, like.height, valid, scene.source)
+
+
+def _same_pixels(a: Affine, b: Affine) -> bool:
+    """Whether two north-up transforms share pixel size and their origins differ by whole pixels."""
+    if a.b or a.d or b.b or b.d or a.a != b.a or a.e != b.e:
+        return False
+    cols = (b.c - a.c) / a.a
+    rows = (b.f - a.f) / a.e
+    return abs(cols - round(cols)) < 1e-6 and abs(rows - round(rows)) < 1e-6
+
+
+class SceneSource:
+    """A :class:`Scene` in memory as a :class:`~revisit.export.hypercolumn.GridSource`."""
+
+    def __init__(self, scene: Scene) -> None:
+        self.scene = scene
+
+    def read(
+        self, row: int, col: int, height: int, width: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """The window's DN (NaN no data) and usable mask; outside the scene: no data."""
+        dn = np.full((self.scene.dn.shape[0], height, width), np.nan, dtype=np.float32)
+        ok = np.zeros((height, width), dtype=bool)
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + height, self.scene.height), min(col + width, self.scene.width)
+        if r1 > r0 and c1 > c0:
+            dn[:, r0 - row : r1 - row, c0 - col : c1 - col] = self.scene.dn[:, r0:r1, c0:c1]
+            ok[r0 - row : r1 - row, c0 - col : c1 - col] = self.scene.valid[r0:r1, c0:c1]
+        return dn, ok
+
+
+class ProductSource:
+    """One product read window by window onto a 10 m grid (a :class:`GridSource`).
+
+    Each band's file is opened once; a window reads only the part of each band
+    that covers it (padded for resampling) and warps it bilinearly onto the
+    window, so memory is bounded by the window whatever the product's size.
+    Where the product has a cloud layer or a detector
+    (:func:`revisit.export.clouds.cloud_detector`), cloud and cloud-shadow
+    pixels are not usable.
+
+    Args:
+        path: The product (band folder, SAFE, multi-band GeoTIFF).
+        crs: The output grid's CRS; the product's own 10 m grid by default.
+        transform: The output grid's transform (with ``crs``).
+        clouds: Mask clouds (default True).
+
+    Raises:
+        ExportError: The path is not one readable product.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        crs: CRS | None = None,
+        transform: Affine | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        clouds: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.product = _find_product(self.path)
+        self._opened: dict[Path, Any] = {}
+        try:
+            own = _reference_grid(self.product)
+        except SceneRejectedError as exc:
+            raise ExportError(f"cannot read {path}: {exc.reason}: {exc.detail}") from exc
+        except (OSError, rasterio.errors.RasterioError) as exc:
+            raise ExportError(f"cannot read {path}: {one_line(exc)}") from exc
+        if crs is None or transform is None or width is None or height is None:
+            self.crs, self.transform, self.width, self.height = own
+        else:
+            self.crs, self.transform, self.width, self.height = crs, transform, width, height
+        self.detector: Any = None
+        if clouds:
+            from revisit.export.clouds import cloud_detector
+
+            self.detector = cloud_detector(self.product)
+
+    @property
+    def cloud_note(self) -> str:
+        """What masks clouds for this product (for the map's tags)."""
+        if self.detector is None:
+            return "not masked"
+        return f"{self.detector.kind}: {self.detector.detail}"
+
+    def _dataset(self, file_path: Path) -> Any:
+        if file_path not in self._opened:
+            self._opened[file_path] = open_raster(file_path, self.product.product_id)
+        return self._opened[file_path]
+
+    def close(self) -> None:
+        """Close the band files."""
+        for ds in self._opened.values():
+            ds.close()
+        self._opened.clear()
+
+    def __enter__(self) -> ProductSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(
+        self, row: int, col: int, height: int, width: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """The window's 12 bands as DN (offset applied, NaN no data) and its usable mask.
+
+        Raises:
+            ExportError: A band file cannot be read.
+        """
+        window_transform = self.transform * Affine.translation(col, row)
+        dn = np.full((len(CANONICAL_BANDS), height, width), np.nan, dtype=np.float32)
+        try:
+            with gdal_env():
+                for i, name in enumerate(CANONICAL_BANDS):
+                    self._read_band(name, dn[i], window_transform, width, height)
+                usable = np.all(np.isfinite(dn), axis=0)
+                if self.detector is not None and usable.any():
+                    from revisit.export.clouds import cloud_mask
+
+                    cloudy = cloud_mask(
+                        self.product,
+                        self.detector,
+                        crs=self.crs,
+                        transform=window_transform,
+                        width=width,
+                        height=height,
+                    )
+                    if cloudy is not None:
+                        usable &= ~cloudy
+        except SceneRejectedError as exc:
+            raise ExportError(f"cannot read {self.path}: {exc.reason}: {exc.detail}") from exc
+        except (OSError, rasterio.errors.RasterioError) as exc:
+            raise ExportError(f"cannot read {self.path}: {one_line(exc)}") from exc
+        return dn, usable
+
+    def _read_band(
+        self, name: str, out: npt.NDArray[np.float32], transform: Affine, width: int, height: int
+    ) -> None:
+        file = self.product.bands[name]
+        ds = self._dataset(file.path)
+        src_crs, src_transform = georef(ds, self.product)
+        if src_crs == self.crs and _same_pixels(src_transform, transform):
+            # The band lies on the output grid (BEFORE's 10 m bands): read, no resampling.
+            col0 = round((transform.c - src_transform.c) / src_transform.a)
+            row0 = round((transform.f - src_transform.f) / src_transform.e)
+            c0, r0 = max(col0, 0), max(row0, 0)
+            c1, r1 = min(col0 + width, ds.width), min(row0 + height, ds.height)
+            if c1 > c0 and r1 > r0:
+                src = read_dn(ds, file.index, Window(c0, r0, c1 - c0, r1 - r0))
+                if file.offset:
+                    src = np.maximum(src + np.float32(file.offset), np.float32(0.0))
+                out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = src
+            return
+        left, top = transform * (0, 0)
+        right, bottom = transform * (width, height)
+        bounds = (min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+        if src_crs != self.crs:
+            bounds = transform_bounds(self.crs, src_crs, *bounds, densify_pts=21)
+        window = chip_window(ds.width, ds.height, src_transform, bounds)
+        if window is None:
+            return  # the band does not reach this window: no data
+        src = read_dn(ds, file.index, window)
+        if file.offset:
+            src = np.maximum(src + np.float32(file.offset), np.float32(0.0))
+        src_window_transform = src_transform * Affine.translation(window.col_off, window.row_off)
+        reproject(
+            src,
+            out,
+            src_transform=src_window_transform,
+            src_crs=src_crs,
+            src_nodata=np.nan,
+            dst_transform=transform,
+            dst_crs=self.crs,
+            dst_nodata=np.nan,
+            resampling=Resampling.bilinear,
+        )
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -628,6 +838,82 @@ def score_dense(
 # -- writing ---------------------------------------------------------------------------------
 
 
+class _ScoreWriter:
+    """Scores written tile by tile into a temporary tiled GeoTIFF, then published as a COG.
+
+    The temporary lies beside the output; :meth:`publish` turns it into a
+    validated deflate COG with rio-cogeo (block by block, not in memory) under
+    another temporary name and renames that onto the output. Nothing is left
+    behind if anything fails.
+    """
+
+    def __init__(self, out: Path, *, crs: CRS, transform: Affine, width: int, height: int) -> None:
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.scratch = out.parent / f".{out.name}.scores-{os.getpid()}-{time.monotonic_ns()}.tif"
+        profile = {
+            "driver": "GTiff",
+            "dtype": "float32",
+            "count": 1,
+            "width": width,
+            "height": height,
+            "crs": crs,
+            "transform": transform,
+            "nodata": float("nan"),
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "BIGTIFF": "IF_SAFER",
+        }
+        try:
+            self.dataset = rasterio.open(self.scratch, "w", **profile)
+        except (OSError, rasterio.errors.RasterioError) as exc:
+            raise ExportError(f"could not write {out}: {one_line(exc)}") from exc
+
+    def write(self, row: int, col: int, values: npt.NDArray[np.float32]) -> None:
+        self.dataset.write(values, 1, window=Window(col, row, values.shape[1], values.shape[0]))
+
+    def publish(self, *, description: str, units: str, tags: dict[str, str]) -> tuple[str, int]:
+        from rio_cogeo.cogeo import cog_translate, cog_validate
+        from rio_cogeo.profiles import cog_profiles
+
+        from revisit.export.changemap import _publish, _temporary
+
+        self.dataset.set_band_description(1, description)
+        self.dataset.update_tags(**tags)
+        self.dataset.update_tags(1, name=description, units=units)
+        self.dataset.close()
+        profile: dict[str, Any] = dict(cog_profiles["deflate"])
+        profile.update(predictor=3)
+        try:
+            with _temporary(self.out) as tmp:
+                with rasterio.open(self.scratch) as src:
+                    cog_translate(
+                        src,
+                        str(tmp),
+                        profile,
+                        overview_resampling="average",
+                        forward_band_tags=True,
+                        in_memory=False,
+                        quiet=True,
+                    )
+                valid, errors, _ = cog_validate(str(tmp), quiet=True)
+                if not valid:
+                    raise ExportError(f"{self.out} is not a valid COG: {'; '.join(errors)}")
+                written = _publish(tmp, self.out)
+        except (OSError, rasterio.errors.RasterioError) as exc:
+            raise ExportError(f"could not write the COG {self.out}: {one_line(exc)}") from exc
+        finally:
+            self.discard()
+        return written.sha256, written.size_bytes
+
+    def discard(self) -> None:
+        if not self.dataset.closed:
+            self.dataset.close()
+        with contextlib.suppress(OSError):
+            self.scratch.unlink()
+
+
 def _write_cog(
     values: npt.NDArray[np.float32],
     like: Scene,
@@ -647,129 +933,379 @@ def _write_cog(
     return written.sha256, written.size_bytes
 
 
+def dense_model_for(model: Path) -> Path:
+    """The ``dense`` model published beside ``model`` (``V.embedding.onnx`` -> ``V.dense.onnx``).
+
+    A model that is itself dense is returned as it is.
+
+    Raises:
+        ExportError: No dense model lies beside it.
+    """
+    if not model.is_file():
+        raise ExportError(f"ONNX model {model}: no such file")
+    meta_output = ""
+    with contextlib.suppress(Exception):  # an unreadable file fails later, with its own error
+        meta_output = {e.key: e.value for e in onnx.load(str(model)).metadata_props}.get(
+            "output", ""
+        )
+    if meta_output == "dense":
+        return model
+    for suffix in (".embedding.onnx", ".features.onnx"):
+        if model.name.endswith(suffix):
+            sibling = model.with_name(model.name[: -len(suffix)] + ".dense.onnx")
+            if sibling.is_file():
+                return sibling
+    raise ExportError(
+        f"{model} is not a dense model and no V.dense.onnx lies beside it: publish the model"
+        " again with `revisit export onnx` (it writes V.dense.onnx), pass --model V.dense.onnx,"
+        " or use --scoring stem"
+    )
+
+
+def _scorer(scoring: Scoring, model: Path, *, keep: float) -> tuple[Scorer, dict[str, str]]:
+    if scoring == "hypercolumn":
+        dense = DenseEncoder(dense_model_for(model))
+        return Scorer(dense, normalize=True, keep=keep), dense.metadata
+    stem = StemEncoder(model)
+    return Scorer(_StemExtractor(stem), normalize=False), stem.metadata
+
+
+class _StemExtractor:
+    """:class:`StemEncoder` as a one-level :class:`~revisit.export.hypercolumn.FeatureExtractor`."""
+
+    def __init__(self, stem: StemEncoder) -> None:
+        self.stem = stem
+        self.levels: tuple[Level, ...] = (Level("stem", 1, stem.channels),)
+        self.halo = stem.halo
+        self.align = 1
+
+    def __call__(self, z: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+        return [self.stem(np.ascontiguousarray(z))]
+
+
+def score_scenes(
+    before: Scene,
+    after: Scene,
+    model: Path,
+    *,
+    scoring: Scoring = "hypercolumn",
+    keep: float = DEFAULT_KEEP,
+    tile: int = 512,
+) -> npt.NDArray[np.float32]:
+    """Score two in-memory scenes on one grid (``hypercolumn`` or ``stem``), as an array.
+
+    The same computation as :func:`pair_change_map`, for benches and tests.
+
+    Returns:
+        (height, width) float32, NaN where either date is not usable.
+    """
+    if before.dn.shape != after.dn.shape:
+        raise ValueError(f"scenes differ in shape: {before.dn.shape} vs {after.dn.shape}")
+    scoring = _canonical_scoring(scoring)
+    if scoring == "windows":
+        raise ValueError("score_scenes scores hypercolumn or stem; use score_pair for windows")
+    scorer, _ = _scorer(scoring, model, keep=keep)
+    result = np.full((before.height, before.width), np.nan, dtype=np.float32)
+
+    def sink(t: Tile, values: npt.NDArray[np.float32]) -> None:
+        result[t.row : t.row + t.height, t.col : t.col + t.width] = values
+
+    score_tiles(
+        SceneSource(before),
+        SceneSource(after),
+        height=before.height,
+        width=before.width,
+        scorer=scorer,
+        tile=tile,
+        sink=sink,
+    )
+    return result
+
+
+def _canonical_scoring(scoring: str) -> Scoring:
+    name = "stem" if scoring == "dense" else scoring  # "dense" was the stem scoring's old name
+    if name not in SCORINGS:
+        raise ExportError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
+    return name
+
+
+def sidecar_paths(out: Path) -> tuple[Path, Path]:
+    """The default mask and polygon files of a score map: ``map.mask.tif``, ``map.geojson``."""
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(f"{stem}.mask.tif"), out.with_name(f"{stem}.geojson")
+
+
 def pair_change_map(
     before: Path,
     after: Path,
     *,
     model: Path,
     out: Path,
-    scoring: Scoring = "dense",
+    scoring: str = "hypercolumn",
     stride: int = 16,
     window: int | None = None,
     batch: int = 64,
     tile: int = 512,
+    keep: float = DEFAULT_KEEP,
+    clouds: bool = True,
+    mask: Path | None = None,
+    polygons: Path | None = None,
+    write_mask: bool = True,
+    threshold: float | None = None,
+    threshold_method: str | None = None,
+    opening_radius_px: int = 0,
+    min_area_m2: float = 0.0,
 ) -> PairMapResult:
     """Score how far the encoder's features moved between two dates, per pixel, as a COG.
 
     Args:
         before: The older product (its grid is the map's).
         after: The newer product (warped onto BEFORE's grid).
-        model: An exported ``.onnx`` model (``embedding`` or ``features`` output).
-        out: The COG to write; replaced atomically.
-        scoring: ``dense`` (the stem at every pixel) or ``windows`` (whole-model
-            embeddings of sliding windows); see the module docstring.
+        model: An exported ``.onnx`` model: for ``hypercolumn`` the ``dense``
+            model or a model published beside one; for ``stem`` and
+            ``windows`` an ``embedding`` or ``features`` model.
+        out: The score COG to write; replaced atomically.
+        scoring: ``hypercolumn``, ``stem`` or ``windows`` (see the module
+            docstring); ``dense`` is the old name of ``stem``.
         stride: Pixels between windows (``windows`` only).
         window: Window side (``windows`` only); the model's ``patch_size``
             metadata by default, capped at the image size, at least 32.
         batch: Windows per onnxruntime call (``windows`` only; each date counts once).
-        tile: Tile side (``dense`` only).
+        tile: Tile side (``hypercolumn`` and ``stem``).
+        keep: Fraction of channels kept per level (``hypercolumn``).
+        clouds: Make cloud and cloud-shadow pixels of either date no-data.
+        mask: The change mask COG (default ``<out stem>.mask.tif``).
+        polygons: The GeoJSON polygons (default ``<out stem>.geojson``).
+        write_mask: Write the mask and polygons (default True).
+        threshold: The score above which a pixel is change; automatic by default.
+        threshold_method: How the automatic threshold is found (see
+            :mod:`revisit.export.changemask`).
+        opening_radius_px: Morphological opening radius of the mask (0: none).
+        min_area_m2: Minimum mapping unit: smaller change regions are dropped.
 
     Returns:
-        Where the map went, its size, windows scored (``dense``: one per pixel),
-        throughput.
+        Where the map went, its size, windows scored (one per pixel but for
+        ``windows``), throughput, and the mask's threshold.
 
     Raises:
         ExportError: An input unreadable, the model unloadable, the image
-            smaller than the window, bad arguments, or the COG not written.
+            smaller than the window, bad arguments, or a file not written.
     """
-    if scoring not in SCORINGS:
-        raise ExportError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
+    scoring_name = _canonical_scoring(scoring)
     if stride < 1:
         raise ExportError(f"stride must be at least 1, got {stride}")
     if batch < 1:
         raise ExportError(f"batch must be at least 1, got {batch}")
-    if tile < 1:
-        raise ExportError(f"tile must be at least 1, got {tile}")
+    if tile < 16:
+        raise ExportError(f"tile must be at least 16, got {tile}")
+    if opening_radius_px < 0:
+        raise ExportError(f"opening radius must be >= 0, got {opening_radius_px}")
+    if min_area_m2 < 0:
+        raise ExportError(f"minimum mapping unit must be >= 0 m², got {min_area_m2}")
     model = Path(model).expanduser().absolute()
     out = Path(out).expanduser().absolute()
+    mask_default, polygons_default = sidecar_paths(out)
+    mask_path = Path(mask).expanduser().absolute() if mask else mask_default
+    polygons_path = Path(polygons).expanduser().absolute() if polygons else polygons_default
     started = time.perf_counter()
-    # The model is loaded first: a bad model fails before the images are read.
-    stem = StemEncoder(model) if scoring == "dense" else None
-    encoder = OnnxEncoder(model) if stem is None else None
-    meta = stem.metadata if stem is not None else encoder.metadata if encoder else {}
-    first = read_canonical(Path(before))
-    second = reproject_onto(read_canonical(Path(after)), first)
-    if stem is not None:
-        if not (first.valid & second.valid).any():
-            raise ExportError(f"{before} and {after} have no valid pixel in common")
-        values = score_dense(first, second, stem, tile=tile)
-        window, stride, windows = stem.kernel, 1, first.width * first.height
-        output_name = meta.get("output", "")
-        nodata = "NaN: either date has no data"
-    elif encoder is not None:
-        min_size = int(meta.get("min_size") or _MIN_WINDOW)
-        if window is None:
-            window = int(meta.get("patch_size") or 64)
-            window = min(window, first.width, first.height)
-        if window < min_size:
-            raise ExportError(
-                f"window {window} is smaller than the model's minimum of {min_size} pixels"
-                f" (image {first.width}x{first.height})"
-            )
-        if window > first.width or window > first.height:
-            raise ExportError(
-                f"window {window} does not fit in the {first.width}x{first.height} image"
-                f" of {before}"
-            )
-        if not (first.valid | second.valid).any():
-            raise ExportError(f"{before} and {after} have no valid pixel in common grid")
-        values, windows = score_pair(
-            first, second, encoder, window=window, stride=stride, batch=batch
+    if scoring_name == "windows":
+        result = _windows_map(
+            Path(before), Path(after), model=model, out=out, stride=stride, window=window,
+            batch=batch,
+        )  # fmt: skip
+    else:
+        result = _dense_map(
+            Path(before),
+            Path(after),
+            model=model,
+            out=out,
+            scoring=scoring_name,
+            tile=tile,
+            keep=keep,
+            clouds=clouds,
         )
-        output_name = meta.get("output", encoder.output_name)
-        nodata = "NaN: neither date has data"
-    else:  # pragma: no cover - one of the two is always set
-        raise ExportError(f"no encoder for scoring {scoring!r}")
-    tags = {
+    if write_mask:
+        from revisit.export.changemask import DEFAULT_THRESHOLD_METHOD, write_change_mask
+
+        masked = write_change_mask(
+            out,
+            mask_path=mask_path,
+            polygons_path=polygons_path,
+            threshold=threshold,
+            method=threshold_method or DEFAULT_THRESHOLD_METHOD,
+            opening_radius_px=opening_radius_px,
+            min_area_m2=min_area_m2,
+            tags={"scoring": scoring_name, "model": str(model)},
+        )
+        result = dataclasses.replace(
+            result,
+            mask_path=masked.mask_path,
+            polygons_path=masked.polygons_path,
+            threshold=masked.threshold,
+            threshold_method=masked.method,
+            changed_pixels=masked.changed_pixels,
+            valid_pixels=masked.valid_pixels,
+            polygons=masked.polygons,
+        )
+    seconds = time.perf_counter() - started
+    pixels = result.width * result.height
+    return dataclasses.replace(
+        result, seconds=seconds, pixels_per_s=pixels / seconds if seconds > 0 else float("inf")
+    )
+
+
+def _common_tags(
+    before: Path, after: Path, model: Path, meta: dict[str, str], scoring: Scoring
+) -> dict[str, str]:
+    return {
         "values": VALUES_MEANING[scoring],
         "scoring": scoring,
-        "before": str(Path(before).expanduser().absolute()),
-        "after": str(Path(after).expanduser().absolute()),
+        "before": str(before.expanduser().absolute()),
+        "after": str(after.expanduser().absolute()),
         "model": str(model),
         "model_sha256": sha256_file(model),
         "model_version": meta.get("model_version", ""),
         "model_published_version": meta.get("version", ""),
-        "model_output": output_name,
+        "model_output": meta.get("output", ""),
         "method": meta.get("method", ""),
         "step": meta.get("step", ""),
-        "stride": str(stride),
-        "window": str(window),
-        "windows": str(windows),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "nodata": nodata,
     }
-    sha256, size = _write_cog(values, first, out, tags, scoring)
-    seconds = time.perf_counter() - started
-    pixels_per_s = first.width * first.height / seconds if seconds > 0 else float("inf")
-    log.info(
-        "pair change map %s (%s): %dx%d, %d windows, %.0f px/s",
-        out,
-        scoring,
-        first.width,
-        first.height,
-        windows,
-        pixels_per_s,
+
+
+def _dense_map(
+    before: Path,
+    after: Path,
+    *,
+    model: Path,
+    out: Path,
+    scoring: Scoring,
+    tile: int,
+    keep: float,
+    clouds: bool,
+) -> PairMapResult:
+    # The model is loaded first: a bad model fails before the images are read.
+    scorer, meta = _scorer(scoring, model, keep=keep)
+    used_model = dense_model_for(model) if scoring == "hypercolumn" else model
+    with (
+        ProductSource(before, clouds=clouds) as first,
+        ProductSource(
+            after,
+            crs=first.crs,
+            transform=first.transform,
+            width=first.width,
+            height=first.height,
+            clouds=clouds,
+        ) as second,
+    ):
+        writer = _ScoreWriter(
+            out,
+            crs=first.crs,
+            transform=first.transform,
+            width=first.width,
+            height=first.height,
+        )
+        try:
+            measured = score_tiles(
+                first,
+                second,
+                height=first.height,
+                width=first.width,
+                scorer=scorer,
+                tile=tile,
+                sink=lambda t, values: writer.write(t.row, t.col, values),
+            )
+            tags = _common_tags(before, after, used_model, meta, scoring)
+            tags.update(
+                {
+                    "tile": str(tile),
+                    "tiles": str(measured["tiles"]),
+                    "stat_tiles": str(measured["stat_tiles"]),
+                    "clouds_before": first.cloud_note,
+                    "clouds_after": second.cloud_note,
+                    "nodata": "NaN: either date has no data, cloud or cloud shadow",
+                }
+            )
+            if scoring == "stem":
+                tags["window"] = str(scorer.extractor.halo * 2 + 1)
+                tags["stride"] = "1"
+            if scoring == "hypercolumn":
+                tags["keep"] = repr(keep)
+                tags["kept_channels"] = json.dumps(measured["kept"])
+            sha256, size = writer.publish(
+                description=BAND_DESCRIPTION[scoring], units=UNITS[scoring], tags=tags
+            )
+        except BaseException:
+            writer.discard()
+            raise
+    log.info("pair change map %s (%s): %dx%d", out, scoring, first.width, first.height)
+    kernel = scorer.extractor.halo * 2 + 1 if scoring == "stem" else 0
+    return PairMapResult(
+        path=out,
+        width=first.width,
+        height=first.height,
+        windows=first.width * first.height,
+        pixels_per_s=0.0,
+        seconds=0.0,
+        sha256=sha256,
+        size_bytes=size,
+        window=kernel,
+        stride=1,
+        scoring=scoring,
     )
+
+
+def _windows_map(
+    before: Path,
+    after: Path,
+    *,
+    model: Path,
+    out: Path,
+    stride: int,
+    window: int | None,
+    batch: int,
+) -> PairMapResult:
+    encoder = OnnxEncoder(model)
+    meta = encoder.metadata
+    first = read_canonical(before)
+    second = reproject_onto(read_canonical(after), first)
+    min_size = int(meta.get("min_size") or _MIN_WINDOW)
+    if window is None:
+        window = int(meta.get("patch_size") or 64)
+        window = min(window, first.width, first.height)
+    if window < min_size:
+        raise ExportError(
+            f"window {window} is smaller than the model's minimum of {min_size} pixels"
+            f" (image {first.width}x{first.height})"
+        )
+    if window > first.width or window > first.height:
+        raise ExportError(
+            f"window {window} does not fit in the {first.width}x{first.height} image of {before}"
+        )
+    if not (first.valid | second.valid).any():
+        raise ExportError(f"{before} and {after} have no valid pixel in common grid")
+    values, windows = score_pair(first, second, encoder, window=window, stride=stride, batch=batch)
+    tags = _common_tags(before, after, model, meta, "windows")
+    tags.update(
+        {
+            "model_output": meta.get("output", encoder.output_name),
+            "stride": str(stride),
+            "window": str(window),
+            "windows": str(windows),
+            "nodata": "NaN: neither date has data",
+        }
+    )
+    sha256, size = _write_cog(values, first, out, tags, "windows")
     return PairMapResult(
         path=out,
         width=first.width,
         height=first.height,
         windows=windows,
-        pixels_per_s=pixels_per_s,
-        seconds=seconds,
+        pixels_per_s=0.0,
+        seconds=0.0,
         sha256=sha256,
         size_bytes=size,
         window=window,
         stride=stride,
-        scoring=scoring,
+        scoring="windows",
     )

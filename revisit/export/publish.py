@@ -1,14 +1,14 @@
 """Publishing the ONNX models: versioned files, their hashes, ``artifact`` rows, ``latest.json``.
 
-:func:`publish_onnx` exports the newest ``model_version`` (DESIGN §5) as two
-models (see :mod:`revisit.export.onnx`), checks both against PyTorch on real
+:func:`publish_onnx` exports the newest ``model_version`` (DESIGN §5) as three
+models (see :mod:`revisit.export.onnx`), checks each against PyTorch on real
 chips from the database, and only then publishes them, in an order that a kill
 at any moment cannot turn into a broken ``latest.json``:
 
-1. both models are exported and parity-checked in a staging directory
+1. the models are exported and parity-checked in a staging directory
    ``<data_dir>/exports/onnx/.staging-<pid>-<ns>/``, each with a ``.sha256``
    file (``sha256sum`` format);
-2. the four files are renamed into ``<data_dir>/exports/onnx/`` and the
+2. the six files are renamed into ``<data_dir>/exports/onnx/`` and the
    directory is fsynced;
 3. one transaction adds an ``artifact`` row per model (kind ``onnx``);
 4. ``latest.json`` is written to a temporary name, fsynced and renamed over the
@@ -27,15 +27,18 @@ only grow)::
     <data_dir>/exports/onnx/V.features.onnx.sha256
     <data_dir>/exports/onnx/V.embedding.onnx        key encoder + head 0, L2-normalised
     <data_dir>/exports/onnx/V.embedding.onnx.sha256
+    <data_dir>/exports/onnx/V.dense.onnx            key encoder's feature maps (stem .. layer3)
+    <data_dir>/exports/onnx/V.dense.onnx.sha256
     <data_dir>/exports/onnx/latest.json
 
 ``latest.json`` (file names relative to its directory)::
 
     {"format": 1, "version": V, "model_version_id": 7, "method": "caco",
      "step": 300, "created_at": "2024-05-01T12:00:00Z",
-     "files": {"features": "V.features.onnx", "embedding": "V.embedding.onnx"},
-     "sha256": {"features": "…", "embedding": "…"},
-     "parity_max_abs_diff": {"features": 1.2e-06, "embedding": 3.1e-07},
+     "files": {"features": "V.features.onnx", "embedding": "V.embedding.onnx",
+               "dense": "V.dense.onnx"},
+     "sha256": {"features": "…", "embedding": "…", "dense": "…"},
+     "parity_max_abs_diff": {"features": 1.2e-06, "embedding": 3.1e-07, "dense": 4e-07},
      "input": {"name": "reflectance", "layout": "NCHW", "dtype": "float32",
                "bands": ["B01", …, "B12"], "scale": 0.0001, "patch_size": 64}}
 
@@ -71,6 +74,7 @@ from revisit.errors import ExportError, RevisitError
 from revisit.export.onnx import (
     INPUT_LAYOUT,
     INPUT_NAME,
+    DenseModel,
     EmbeddingModel,
     FeatureModel,
     Output,
@@ -108,12 +112,12 @@ EXPORT_DIR = "exports/onnx"
 MANIFEST = "latest.json"
 MANIFEST_FORMAT = 1
 #: The models of a version, in the order they are exported.
-OUTPUTS: tuple[Output, ...] = ("features", "embedding")
+OUTPUTS: tuple[Output, ...] = ("features", "embedding", "dense")
 
 _STAGING_PREFIX = ".staging-"
 _TMP_SUFFIX = ".tmp"
 _FILE_RE = re.compile(
-    r"^(?P<version>step\d{10}-mv\d{8,}-[a-z0-9-]+)\.(?P<output>features|embedding)"
+    r"^(?P<version>step\d{10}-mv\d{8,}-[a-z0-9-]+)\.(?P<output>features|embedding|dense)"
     r"\.onnx(?:\.sha256)?$"
 )
 _LOCK_POLL_S = 0.5
@@ -121,14 +125,14 @@ _LOCK_POLL_S = 0.5
 
 @dataclass(frozen=True)
 class PublishedModel:
-    """One published version: two ONNX models of one checkpoint.
+    """One published version: the ONNX models of one checkpoint.
 
     Attributes:
         version: The version name, e.g. ``step0000000300-mv00000007-caco``.
         model_version_id: The ``model_version`` row it was exported from.
         method: Its learning method.
         step: Its learner step.
-        paths: The ``.onnx`` file of each output (``features``, ``embedding``).
+        paths: The ``.onnx`` file of each output (``features``, ``embedding``, ``dense``).
         sha256s: Their hashes.
         max_abs_diff: The parity figure of each output (onnxruntime vs PyTorch).
         artifact_ids: The ``artifact`` row of each output.
@@ -451,7 +455,7 @@ def _export_and_publish(
         files: dict[str, str] = {}
         sha256s: dict[str, str] = {}
         diffs: dict[str, float] = {}
-        for module in (FeatureModel(model), EmbeddingModel(model)):
+        for module in (FeatureModel(model), EmbeddingModel(model), DenseModel(model)):
             output = module.output
             filename = f"{name}.{output}.onnx"
             metadata = model_metadata(
@@ -501,7 +505,7 @@ def _export_and_publish(
                 metadata={
                     "version": name,
                     "output": out,
-                    "encoder": "key" if out == "embedding" else "query",
+                    "encoder": "query" if out == "features" else "key",
                     "method": version_row.method,
                     "step": version_row.step,
                     "model_version_id": version_row.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +13,21 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
+from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
+from scipy import ndimage
 
 from revisit.errors import ExportError
-from revisit.export.onnx import EmbeddingModel, export_model, model_metadata
+from revisit.export.onnx import DenseModel, EmbeddingModel, export_model, model_metadata
 from revisit.export.pairmap import (
+    Scene,
     StemEncoder,
     cva_map,
     pair_change_map,
     read_canonical,
     reproject_onto,
     score_dense,
+    score_scenes,
     standardized,
 )
 from revisit.learner.heads import ContrastiveModel
@@ -46,12 +51,19 @@ def random_module() -> EmbeddingModel:
 
 @pytest.fixture(scope="session")
 def random_model(random_module: EmbeddingModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``random_module`` exported to ONNX (patch size 32)."""
-    path = tmp_path_factory.mktemp("pairmap-model") / "random.onnx"
+    """``random_module`` exported to ONNX (patch size 32), its dense model beside it."""
+    folder = tmp_path_factory.mktemp("pairmap-model")
+    path = folder / "random.embedding.onnx"
     metadata = model_metadata(
         random_module, method="random", step=0, model_version=None, patch_size=32, opset=18
     )
     export_model(random_module, path, metadata=metadata, opset=18, patch_size=32)
+    torch.manual_seed(0)
+    dense = DenseModel(ContrastiveModel(queue_size=8))
+    metadata = model_metadata(
+        dense, method="random", step=0, model_version=None, patch_size=32, opset=18
+    )
+    export_model(dense, folder / "random.dense.onnx", metadata=metadata, opset=18, patch_size=32)
     return path
 
 
@@ -200,13 +212,14 @@ def test_missing_input_is_a_clear_error(
     assert not out.exists()
 
 
-def test_dense_pair_map_scores_every_pixel(
+def test_stem_pair_map_scores_every_pixel(
     pair: tuple[Path, Path], random_model: Path, tmp_path: Path
 ) -> None:
     before, after = pair
     out = tmp_path / "dense.tif"
-    result = pair_change_map(before, after, model=random_model, out=out)  # dense by default
-    assert result.scoring == "dense"
+    # "dense" is the stem scoring's old name, still accepted.
+    result = pair_change_map(before, after, model=random_model, out=out, scoring="dense")
+    assert result.scoring == "stem"
     assert (result.window, result.stride, result.windows) == (7, 1, SIZE * SIZE)
     valid, errors, _ = cog_validate(str(out), quiet=True)
     assert valid, errors
@@ -220,7 +233,7 @@ def test_dense_pair_map_scores_every_pixel(
         assert ds.descriptions == ("feature_distance",)
         tags = ds.tags()
         values = ds.read(1)
-    assert tags["scoring"] == "dense"
+    assert tags["scoring"] == "stem"
     assert tags["window"] == "7" and tags["stride"] == "1"
     # AFTER does not cover BEFORE's first row and column: no score there.
     assert np.isnan(values[0]).all() and np.isnan(values[:, 0]).all()
@@ -238,6 +251,71 @@ def test_dense_pair_map_scores_every_pixel(
     background = float(np.median(inner[~changed]))
     assert values[39, 39] > 3 * background
     assert values[32, 32] < 1.5 * background
+
+
+def test_hypercolumn_map_writes_scores_mask_and_polygons(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path
+) -> None:
+    """The default: hypercolumn scores, the automatic mask and polygons beside them."""
+    before, after = pair
+    out = tmp_path / "map.tif"
+    result = pair_change_map(before, after, model=random_model, out=out)
+    assert result.scoring == "hypercolumn"
+    assert result.mask_path == tmp_path / "map.mask.tif"
+    assert result.polygons_path == tmp_path / "map.geojson"
+    for path in (out, result.mask_path):
+        valid, errors, _ = cog_validate(str(path), quiet=True)
+        assert valid, errors
+    with rasterio.open(out) as ds:
+        assert ds.descriptions == ("hypercolumn_distance",)
+        tags = ds.tags()
+        values = ds.read(1)
+    assert tags["scoring"] == "hypercolumn"
+    assert tags["model"].endswith("random.dense.onnx")
+    kept = json.loads(tags["kept_channels"])
+    # Half of each level's live channels (a random layer3 has dead ReLUs on a small image).
+    assert kept["stem"] == 32 and kept["layer1"] == 32
+    assert 0 < kept["layer2"] <= 64 and 0 < kept["layer3"] <= 128
+    assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all()
+    truth = np.zeros_like(values, dtype=bool)
+    truth[SQUARE, SQUARE] = True
+    inner, changed = values[1:, 1:], truth[1:, 1:]
+    top = inner >= np.quantile(inner, 1 - changed.mean())
+    assert float(changed[top].mean()) > 0.8
+    with rasterio.open(result.mask_path) as ds:
+        mask = ds.read(1)
+        assert ds.nodata == 255
+        assert float(ds.tags()["threshold"]) == pytest.approx(result.threshold)
+    assert (mask[0] == 255).all()
+    assert set(np.unique(mask[1:, 1:]).tolist()) <= {0, 1}
+    assert float((mask[SQUARE, SQUARE] == 1).mean()) > 0.8  # the square is found
+    assert result.changed_pixels == int((mask == 1).sum())
+    assert result.polygons_path is not None
+    collection = json.loads(result.polygons_path.read_text())
+    assert collection["type"] == "FeatureCollection"
+    assert len(collection["features"]) == result.polygons >= 1
+    biggest = max(collection["features"], key=lambda f: f["properties"]["area_m2"])
+    assert biggest["properties"]["area_m2"] > 0.5 * 32 * 32 * PIXEL * PIXEL
+
+
+def test_hypercolumn_tiles_give_the_whole_image_result(random_model: Path) -> None:
+    """Tiles with the deepest layer's halo give what one pass over the image gives."""
+    rng = np.random.default_rng(5)
+    side = 416  # 3 x 3 tiles of 160: the corner tiles' cuts do not reach the far side
+    noise = rng.random((len(CANONICAL_BANDS), side, side))
+    dn = (1000 + 2000 * ndimage.uniform_filter(noise, size=(1, 5, 5))).astype(np.float32)
+    later = dn.copy()
+    later[:, 100:140, 180:230] *= 1.6
+    valid = np.ones((side, side), dtype=bool)
+    transform = Affine(PIXEL, 0, X0, 0, -PIXEL, Y0)
+    crs = CRS.from_epsg(32631)
+    a = Scene(dn, crs, transform, side, side, valid)
+    b = Scene(later, crs, transform, side, side, valid)
+    model = random_model.with_name("random.dense.onnx")
+    whole = score_scenes(a, b, model, tile=1024)
+    assert np.isfinite(whole).all()
+    tiled = score_scenes(a, b, model, tile=160)  # all 9 tiles sampled: the whole image's stats
+    assert float(np.max(np.abs(whole - tiled))) < 2e-3 * float(whole.max())
 
 
 def test_stem_is_the_first_layer_at_every_pixel(
