@@ -24,7 +24,9 @@ Two scorings share one tiled driver (:func:`score_tiles`):
        least correlated ``keep`` fraction (half by default) is kept -- DCVA's
        selection;
     5. the kept differences are upsampled bilinearly to the 10 m grid (pixel
-       centres aligned, ``scipy.ndimage.zoom`` with ``grid_mode``);
+       centres aligned, as ``scipy.ndimage.zoom`` with ``grid_mode`` does;
+       :func:`upsampled_sq_norm` gives the squared norm of the upsampled
+       vectors without materialising them);
     6. a pixel's score is ``sqrt(mean over levels of mean over kept channels of
        diff^2)``: each level weighs the same whatever its width (concatenating
        the channels, as DCVA does, would let layer3's 256 channels outvote the
@@ -60,7 +62,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from scipy import ndimage
 
 from revisit.errors import ExportError
 from revisit.ingest.sources.rasters import one_line
@@ -76,6 +77,7 @@ __all__ = [
     "Tile",
     "score_tiles",
     "tiles_of",
+    "upsampled_sq_norm",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEP = 0.5
 #: Tiles the statistics pass reads at most.
 DEFAULT_STAT_TILES = 16
+#: Feature maps of sampled tiles kept between the two passes, at most (bytes).
+_CACHE_BYTES = 384 << 20
 _BANDS = len(CANONICAL_BANDS)
 
 F32 = npt.NDArray[np.float32]
@@ -350,12 +354,70 @@ def _coarse(mask: Bool, stride: int) -> Bool:
     return out
 
 
-def _upsample(x: F32, stride: int, height: int, width: int) -> F32:
-    """(C, h, w) at ``stride`` -> (C, height, width), bilinear, pixel centres aligned."""
+def _taps(size: int, coarse: int, stride: int) -> tuple[npt.NDArray[np.intp], F32]:
+    """Bilinear taps along one axis: the first coarse index (into the edge-padded map) and weight.
+
+    Fine pixel ``i``'s centre lies at coarse coordinate ``(i + 0.5) / stride - 0.5``
+    (``scipy.ndimage.zoom``'s ``grid_mode``); outside the map the edge value is
+    repeated (``mode="nearest"``), which the one-pixel edge padding gives.
+    """
+    u = (np.arange(size, dtype=np.float64) + 0.5) / stride - 0.5
+    first = np.floor(u)
+    weight = (u - first).astype(np.float32)
+    index = np.clip(first.astype(np.intp) + 1, 0, coarse)  # +1: the padding
+    return index, weight
+
+
+def upsampled_sq_norm(diff: F32, stride: int, height: int, width: int) -> F32:
+    """``sum_c up(diff)_c ** 2`` at full resolution, ``up`` the bilinear upsampling.
+
+    The same as ``(_upsample(diff, ...) ** 2).sum(0)`` without the C x H x W
+    upsampled array: bilinear upsampling is linear, so the squared norm at a
+    fine pixel is a quadratic form in its four coarse neighbours' vectors, and
+    only their inner products (each pixel with itself and with its right,
+    lower and two diagonal neighbours) are needed, computed once at the
+    coarse resolution. Written here because no library computes the norm of an
+    upsampled vector field without materialising it, which costs C times the
+    memory and time (C up to 128 kept channels per level).
+
+    Args:
+        diff: (C, h, w) coarse difference vectors.
+        stride: The upsampling factor.
+        height: Fine rows (at most h * stride).
+        width: Fine columns (at most w * stride).
+    """
     if stride == 1:
-        return x[:, :height, :width]
-    up = ndimage.zoom(x, (1, stride, stride), order=1, mode="nearest", grid_mode=True)
-    out: F32 = np.asarray(up[:, :height, :width], dtype=np.float32)
+        out1: F32 = np.einsum("chw,chw->hw", diff[:, :height, :width], diff[:, :height, :width])
+        return out1
+    _, h, w = diff.shape
+    p = np.pad(diff, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    norm = np.einsum("chw,chw->hw", p, p)
+    right = np.einsum("chw,chw->hw", p[:, :, :-1], p[:, :, 1:])
+    down = np.einsum("chw,chw->hw", p[:, :-1, :], p[:, 1:, :])
+    diag = np.einsum("chw,chw->hw", p[:, :-1, :-1], p[:, 1:, 1:])
+    anti = np.einsum("chw,chw->hw", p[:, :-1, 1:], p[:, 1:, :-1])
+    i0, fy = _taps(height, h, stride)
+    j0, fx = _taps(width, w, stride)
+    i1, j1 = i0 + 1, j0 + 1
+    r0, r1 = i0[:, None], i1[:, None]
+    c0, c1 = j0[None, :], j1[None, :]
+    gy, gx = fy[:, None], fx[None, :]
+    a = (1 - gy) * (1 - gx)
+    b = (1 - gy) * gx
+    c = gy * (1 - gx)
+    d = gy * gx
+    out: F32 = (
+        a * a * norm[r0, c0]
+        + b * b * norm[r0, c1]
+        + c * c * norm[r1, c0]
+        + d * d * norm[r1, c1]
+        + 2 * a * b * right[r0, c0]
+        + 2 * c * d * right[r1, c0]
+        + 2 * a * c * down[r0, c0]
+        + 2 * b * d * down[r0, c1]
+        + 2 * a * d * diag[r0, c0]
+        + 2 * b * c * anti[r0, c0]
+    ).astype(np.float32)
     return out
 
 
@@ -391,6 +453,7 @@ def score_tiles(
     ex = scorer.extractor
     tiles = tiles_of(height, width, tile=tile, halo=ex.halo, align=ex.align)
     sample = _spread(tiles, scorer.stat_tiles)
+    sampled = set(sample)
 
     # Pass 1a: each date's band statistics over its usable pixels, on the sampled tiles.
     bands_a, bands_b = _Moments(), _Moments()
@@ -418,7 +481,23 @@ def score_tiles(
         std_b.astype(np.float32),
     )
 
+    # The sampled tiles' features, kept from the statistics pass for the scoring pass
+    # while they fit in ``_CACHE_BYTES`` (a change-detection crop is computed once).
+    cache: dict[Tile, tuple[list[F32], list[F32], Bool]] = {}
+    cached_bytes = 0
+
     def features(t: Tile) -> tuple[list[F32], list[F32], Bool]:
+        nonlocal cached_bytes
+        if t in cache:
+            return cache.pop(t)
+        got = _features(t)
+        size = sum(f.nbytes for f in got[0]) * 2
+        if scorer.normalize and t in sampled and cached_bytes + size <= _CACHE_BYTES:
+            cache[t] = got
+            cached_bytes += size
+        return got
+
+    def _features(t: Tile) -> tuple[list[F32], list[F32], Bool]:
         dn_a, ok_a = before.read(t.cut_row, t.cut_col, t.cut_height, t.cut_width)
         dn_b, ok_b = after.read(t.cut_row, t.cut_col, t.cut_height, t.cut_width)
         za = _standardise(dn_a, ok_a, band_stats[0], band_stats[1])
@@ -473,11 +552,10 @@ def score_tiles(
                 k = st.kept
                 da = (fa[i][k] - st.mean_a[k, None, None]) / st.std_a[k, None, None]
                 db = (fb[i][k] - st.mean_b[k, None, None]) / st.std_b[k, None, None]
-                diff = _upsample((da - db).astype(np.float32), level.stride, *total.shape)
-                total += np.einsum("chw,chw->hw", diff, diff) / np.float32(k.size)
+                diff = (da - db).astype(np.float32)
+                total += upsampled_sq_norm(diff, level.stride, *total.shape) / np.float32(k.size)
             else:
-                diff = _upsample(fa[i] - fb[i], level.stride, *total.shape)
-                total += np.einsum("chw,chw->hw", diff, diff)
+                total += upsampled_sq_norm(fa[i] - fb[i], level.stride, *total.shape)
             levels_used += 1
         score = np.sqrt(total / max(levels_used, 1)) if scorer.normalize else np.sqrt(total)
         top, left = t.row - t.cut_row, t.col - t.cut_col
