@@ -291,6 +291,13 @@ class ExportSettings(_Section):
         gt=0,
         description="Cell size of change-map COGs in degrees; None: the median location spacing.",
     )
+    dense_model: bool = Field(
+        default=True,
+        description=(
+            "Publish the dense model (the encoder's feature maps, for hypercolumn pair change"
+            " maps) beside the features and embedding models."
+        ),
+    )
     pair_scoring: Literal["hypercolumn", "stem", "dense", "windows"] = Field(
         default="hypercolumn",
         description=(

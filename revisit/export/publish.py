@@ -99,6 +99,7 @@ __all__ = [
     "PublishedModel",
     "export_dir",
     "load_model",
+    "outputs_of",
     "publish_onnx",
     "read_manifest",
     "version_name",
@@ -111,8 +112,15 @@ EXPORT_DIR = "exports/onnx"
 #: The manifest naming the current version.
 MANIFEST = "latest.json"
 MANIFEST_FORMAT = 1
-#: The models of a version, in the order they are exported.
+#: The models of a version, in the order they are exported (``dense`` only with
+#: ``export.dense_model``, the default).
 OUTPUTS: tuple[Output, ...] = ("features", "embedding", "dense")
+
+
+def outputs_of(settings: Settings) -> tuple[Output, ...]:
+    """The models a version is published as under ``settings``."""
+    return OUTPUTS if settings.export.dense_model else OUTPUTS[:2]
+
 
 _STAGING_PREFIX = ".staging-"
 _TMP_SUFFIX = ".tmp"
@@ -293,7 +301,7 @@ def publish_onnx(
         name = version_name(
             method=version_row.method, step=version_row.step, model_version_id=version_row.id
         )
-        published = _already_published(rows, name, directory)
+        published = _already_published(rows, name, directory, outputs_of(settings))
         if published is None:
             published = _export_and_publish(
                 engine=engine,
@@ -376,13 +384,13 @@ def _remove_temporaries(directory: Path) -> int:
 
 
 def _already_published(
-    rows: list[ArtifactRow], name: str, directory: Path
+    rows: list[ArtifactRow], name: str, directory: Path, outputs: tuple[Output, ...]
 ) -> PublishedModel | None:
     """The published version ``name`` when its rows and intact files are all there."""
     mine = {
         str(row.metadata.get("output")): row for row in rows if row.metadata.get("version") == name
     }
-    if set(mine) != set(OUTPUTS):
+    if not set(outputs) <= set(mine):
         return None
     paths: dict[str, Path] = {}
     for output, row in mine.items():
@@ -455,7 +463,13 @@ def _export_and_publish(
         files: dict[str, str] = {}
         sha256s: dict[str, str] = {}
         diffs: dict[str, float] = {}
-        for module in (FeatureModel(model), EmbeddingModel(model), DenseModel(model)):
+        modules: list[FeatureModel | EmbeddingModel | DenseModel] = [
+            FeatureModel(model),
+            EmbeddingModel(model),
+        ]
+        if settings.export.dense_model:
+            modules.append(DenseModel(model))
+        for module in modules:
             output = module.output
             filename = f"{name}.{output}.onnx"
             metadata = model_metadata(

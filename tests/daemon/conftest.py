@@ -45,6 +45,7 @@ SMALL_WORLD = {
     "REVISIT_LEARNER__REFRESH_EVERY": "5",
     "REVISIT_LEARNER__THREADS": "2",
     "REVISIT_EXPORT__PARITY_CHIPS": "2",
+    "REVISIT_EXPORT__DENSE_MODEL": "false",  # the daemon tests need no pair maps
 }
 
 

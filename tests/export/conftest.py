@@ -59,7 +59,12 @@ class ExportWorld:
     trained: TrainedWorld
 
     def settings(self, **export: Any) -> Settings:
-        """Settings on this copy, with ``export`` settings overridden."""
+        """Settings on this copy, with ``export`` settings overridden.
+
+        The dense model is not published unless asked for (``dense_model=True``):
+        its export takes as long as the other two together.
+        """
+        export = {"dense_model": False, **export}
         return load_settings(database_url=self.url, data_dir=self.data_dir, export=export)
 
 

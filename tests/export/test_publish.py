@@ -60,7 +60,9 @@ def replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
 
-settings = load_settings(database_url=sys.argv[1], data_dir=sys.argv[2])
+settings = load_settings(
+    database_url=sys.argv[1], data_dir=sys.argv[2], export={"dense_model": False}
+)
 engine = sa.create_engine(sys.argv[1], poolclass=sa.pool.NullPool)
 publish_onnx(engine=engine, settings=settings)
 print("published without being killed")
@@ -403,3 +405,25 @@ def test_a_second_publisher_waits_for_the_first(export_world: ExportWorld) -> No
                 engine=export_world.engine, settings=export_world.settings(), lock_timeout_s=0.2
             )
         assert release_export_lock(holder)
+
+
+def test_the_dense_model_is_published_beside_the_others(export_world: ExportWorld) -> None:
+    """The session's world was published with the default settings: three models."""
+    published = export_world.trained.published
+    assert set(published.paths) == {"features", "embedding", "dense"}
+    manifest = read_manifest(export_world.data_dir)
+    assert manifest is not None
+    dense = export_dir(export_world.data_dir) / manifest["files"]["dense"]
+    assert dense.name == f"{published.version}.dense.onnx"
+    assert manifest["parity_max_abs_diff"]["dense"] <= 1e-4
+    meta = read_metadata(dense)
+    assert meta["output"] == "dense" and meta["encoder"] == "key"
+    assert meta["dense_outputs"] == "stem:1:64,layer1:4:64,layer2:8:128,layer3:16:256"
+    assert int(meta["dense_receptive_field"]) == 211
+    session = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["stem", "layer1", "layer2", "layer3"]
+    x = np.random.default_rng(0).random((2, 12, 40, 33), dtype=np.float32) * 0.3
+    shapes = [o.shape for o in session.run(None, {"reflectance": x})]
+    assert shapes == [(2, 64, 40, 33), (2, 64, 10, 9), (2, 128, 5, 5), (2, 256, 3, 3)]
+    rows = {r.metadata["output"]: r for r in _artifacts(export_world.engine)}
+    assert rows["dense"].metadata["encoder"] == "key"

@@ -87,10 +87,14 @@ def test_learn_trains_and_prints_a_summary(
             timeout=300,
         )
         assert pair.returncode == 0, pair.stderr
-        assert "dense" in pair.stdout  # export.pair_scoring's default
+        assert "hypercolumn" in pair.stdout  # export.pair_scoring's default
         with rasterio.open(tmp_path / "bercy.tif") as ds:
-            assert ds.tags()["scoring"] == "dense"
-            assert ds.descriptions == ("feature_distance",)
+            assert ds.tags()["scoring"] == "hypercolumn"
+            assert ds.tags()["model"].endswith(".dense.onnx")
+            assert ds.descriptions == ("hypercolumn_distance",)
+        with rasterio.open(tmp_path / "bercy.mask.tif") as ds:
+            assert ds.nodata == 255 and ds.tags()["threshold_method"] == "triangle"
+        assert '"FeatureCollection"' in (tmp_path / "bercy.geojson").read_text()
 
 
 def _summary(stdout: str) -> dict[str, str]:
