@@ -26,8 +26,10 @@ Learned rows: ``--model NAME=FILE.onnx`` (a ``V.dense.onnx`` or a model with
 one beside it) and ``--data-dir NAME=DIR`` (the latest model published under
 DIR), each scored ``hypercolumn`` and ``stem``; ``--self-train``: per city, a
 model trained with revisit's default settings on that pair only, through the
-command line (an AOI over the pair, ``ingest``, ``learn --minutes``,
-``export onnx``; the recipe of docs/change-maps.md), scored ``hypercolumn``.
+command line (an AOI over the pair, ``ingest``, ``learn --minutes --new-model``,
+``export onnx``; the recipe of docs/change-maps.md); ``--adapt DIR``: the same,
+but starting from DIR's newest checkpoint (``learn --new-model --init-from``):
+the model of DIR adapted to the city. Both scored ``hypercolumn``.
 
 Every learned row goes through :func:`revisit.export.pairmap.pair_change_map`,
 what ``revisit changemap pair`` runs, with its defaults: the score COG and the
@@ -36,7 +38,7 @@ cloud shadow -- count as "no change" in the mask and are left out of AUROC).
 The baselines see every pixel.
 
     .venv/bin/python bench/oscd.py [--model NAME=FILE ...] [--data-dir NAME=DIR ...]
-        [--self-train [--minutes 2]] [--cities ...] [--no-clouds]
+        [--self-train] [--adapt DIR] [--minutes 2] [--cities ...] [--no-clouds]
 
 The figure printed last: pooled F1 at the automatic threshold of the best
 learned row against CVA's best F1, and the mean AUROC of that row.
@@ -203,10 +205,27 @@ def published_model(data_dir: Path) -> Path:
     return export_dir(data_dir) / str(name)
 
 
-def self_train(data: Path, city: str, *, minutes: float, out: Path) -> Path:
-    """Train with revisit's defaults on the city's own pair through the CLI; its dense ONNX."""
+def newest_checkpoint(data_dir: Path) -> Path:
+    """The newest checkpoint file under DIR/checkpoints (by step)."""
+    found = sorted((data_dir / "checkpoints").glob("*/step-*.pt"), key=lambda p: p.name)
+    if not found:
+        raise SystemExit(f"no checkpoint under {data_dir / 'checkpoints'}")
+    return found[-1]
+
+
+def city_models(
+    data: Path, city: str, *, minutes: float, out: Path, scratch: bool, adapt: Path | None
+) -> dict[str, Path]:
+    """Models trained on the city's own pair through the CLI, with revisit's defaults.
+
+    In one workspace: an AOI over the pair (inset half a chip), a grid at half a
+    chip, both dates ingested; then ``learn --minutes M --new-model`` from
+    random weights (``self-trained``) and/or from ``adapt``'s checkpoint
+    (``--init-from``: ``adapted``), each published with ``export onnx``.
+    """
     root = make_tempdir(f"revisit-oscd-{city}-")
     city_dir = data / "images" / city
+    models: dict[str, Path] = {}
     try:
         with Workspace(root / "var", settings={}) as ws:
             ws.upgrade()
@@ -221,18 +240,26 @@ def self_train(data: Path, city: str, *, minutes: float, out: Path) -> Path:
                 f" ({locations} locations) in {ingest.wall_s:.0f} s",
                 flush=True,
             )
-            result = ws.learn(minutes=minutes)
-            print(
-                f"{city:12s} trained {result.steps} steps in {result.seconds:.0f} s,"
-                f" mean loss {result.mean_loss:.3f}",
-                flush=True,
-            )
-            files = ws.export_onnx()
-            target = out / f"self-{city}.dense.onnx"
-            shutil.copyfile(files["dense"], target)
-            return target
+            runs: list[tuple[str, list[str]]] = []
+            if scratch:
+                runs.append(("self-trained", []))
+            if adapt is not None:
+                runs.append(("adapted", ["--init-from", str(adapt)]))
+            for name, extra in runs:
+                started = time.perf_counter()
+                ws.revisit("learn", "--minutes", f"{minutes:g}", "--new-model", *extra)
+                files = ws.export_onnx()
+                target = out / f"{name}-{city}.dense.onnx"
+                shutil.copyfile(files["dense"], target)
+                models[name] = target
+                print(
+                    f"{city:12s} {name}: {minutes:g} min of learning,"
+                    f" {time.perf_counter() - started:.0f} s with the export",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return models
 
 
 def map_with_cli_defaults(
@@ -277,6 +304,9 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="NAME=FILE.onnx")
     parser.add_argument("--data-dir", action="append", default=[], help="NAME=DIR")
     parser.add_argument("--self-train", action="store_true", help="train on each city's pair")
+    parser.add_argument(
+        "--adapt", type=Path, help="adapt DIR's newest checkpoint to each city (--init-from)"
+    )
     parser.add_argument("--minutes", type=float, default=2.0, help="learning per city")
     parser.add_argument("--no-clouds", action="store_true", help="maps without cloud masks")
     parser.add_argument("--no-stem", action="store_true", help="skip the stem rows of models")
@@ -303,9 +333,16 @@ def main() -> None:
             ]
             if args.no_stem:
                 runs = [r for r in runs if r[2] == "hypercolumn" or r[0] == "random"]
-            if args.self_train:
-                path = self_train(args.data, city, minutes=args.minutes, out=tmp)
-                runs.append(("self-trained", path, "hypercolumn"))
+            if args.self_train or args.adapt is not None:
+                trained = city_models(
+                    args.data,
+                    city,
+                    minutes=args.minutes,
+                    out=tmp,
+                    scratch=args.self_train,
+                    adapt=None if args.adapt is None else newest_checkpoint(args.adapt),
+                )
+                runs += [(name, path, "hypercolumn") for name, path in trained.items()]
             for name, path, scoring in runs:
                 scored = map_with_cli_defaults(
                     args.data, city, path, scoring, tmp, clouds=not args.no_clouds

@@ -504,6 +504,13 @@ def learn(
             "the step counter and the change estimates carry on.",
         ),
     ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --new-model: start from this checkpoint's weights (a .pt file of"
+            " another data directory's checkpoints/), to adapt a model to these places.",
+        ),
+    ] = None,
 ) -> None:
     """Train the encoder on the ingested observations and update every location's r.
 
@@ -523,6 +530,8 @@ def learn(
     settings = _settings(ctx)
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    if init_from is not None and not new_model:
+        raise typer.BadParameter("needs --new-model", param_hint="--init-from")
     if steps is None and minutes is None:
         steps = DEFAULT_LEARN_STEPS
     stop = threading.Event()
@@ -536,7 +545,11 @@ def learn(
             upgrade(db.engine)
             with (
                 OnlineLearner(
-                    settings=settings, engine=db.engine, method=method, new_model=new_model
+                    settings=settings,
+                    engine=db.engine,
+                    method=method,
+                    new_model=new_model,
+                    init_from=init_from,
                 ) as learner,
                 Progress(
                     TextColumn("{task.description}"),

@@ -14,15 +14,17 @@ Two scorings share one tiled driver (:func:`score_tiles`):
        ``z``: each date is matched, band by band, to the distribution the
        encoder was trained on, which removes most of the illumination and
        atmosphere difference between the dates;
-    2. the model gives feature maps at four depths (``stem`` at every pixel,
-       ``layer1``/``layer2``/``layer3`` at strides 4, 8, 16);
-    3. every channel of every level is z-normalised per date (its mean and
-       standard deviation over the pixels usable on both dates);
-    4. per level, the channels whose difference carries the most variance are
-       kept: for z-normalised channels the variance of the difference is
-       ``2 (1 - rho)``, rho the channel's correlation between the dates, so the
-       least correlated ``keep`` fraction (half by default) is kept -- DCVA's
-       selection;
+    2. the levels: the standardised bands themselves (``input``, the spectral
+       level change-vector analysis works on) and the model's feature maps at
+       four depths (``stem`` at every pixel, ``layer1``/``layer2``/``layer3``
+       at strides 4, 8, 16). The input level is there because the deep levels
+       alone rank OSCD's pixels below change-vector analysis (their 40-160 m
+       cells blur changes a few pixels wide: docs/change-maps.md);
+    3. per level, DCVA's selection: the ``keep`` fraction (half by default) of
+       the channels whose raw difference varies most over the image
+       (``var(a - b) = var(a) + var(b) - 2 cov(a, b)``);
+    4. every kept channel is z-normalised per date (its mean and standard
+       deviation over the pixels usable on both dates);
     5. the kept differences are upsampled bilinearly to the 10 m grid (pixel
        centres aligned, as ``scipy.ndimage.zoom`` with ``grid_mode`` does;
        :func:`upsampled_sq_norm` gives the squared norm of the upsampled
@@ -30,7 +32,7 @@ Two scorings share one tiled driver (:func:`score_tiles`):
     6. a pixel's score is ``sqrt(mean over levels of mean over kept channels of
        diff^2)``: each level weighs the same whatever its width (concatenating
        the channels, as DCVA does, would let layer3's 256 channels outvote the
-       stem's 64, which alone sees pixel-sized changes).
+       12 bands and the stem, which alone see pixel-sized changes).
 
     The statistics of steps 1, 3 and 4 come from a first pass over up to
     ``stat_tiles`` tiles spread over the image (all of them for an image of
@@ -87,7 +89,10 @@ DEFAULT_KEEP = 0.5
 #: Tiles the statistics pass reads at most.
 DEFAULT_STAT_TILES = 16
 #: Feature maps of sampled tiles kept between the two passes, at most (bytes).
-_CACHE_BYTES = 384 << 20
+_CACHE_BYTES = 256 << 20
+#: Channels scored at once (bounds the scoring pass's temporaries).
+_CHANNEL_CHUNK = 8
+_EMPTY = np.zeros((0, 0, 0), dtype=np.float32)
 _BANDS = len(CANONICAL_BANDS)
 
 F32 = npt.NDArray[np.float32]
@@ -162,6 +167,9 @@ class DenseEncoder:
             raise ExportError(f"ONNX model {model}: no such file")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Without the arena, buffers of one tile's run go back when it ends: the arena
+        # would keep its high-water mark (several full-resolution stem maps) for good.
+        options.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(
                 str(model), sess_options=options, providers=["CPUExecutionProvider"]
@@ -326,7 +334,13 @@ class Scorer:
     normalize: bool = True
     keep: float = DEFAULT_KEEP
     stat_tiles: int = DEFAULT_STAT_TILES
-    select: str = "variance"
+    input_level: bool = True
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        """The levels scored: the standardised bands (``input``) first, then the model's."""
+        own = tuple(self.extractor.levels)
+        return (Level("input", 1, _BANDS), *own) if self.input_level else own
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -451,6 +465,7 @@ def score_tiles(
         ExportError: The dates share no usable pixel.
     """
     ex = scorer.extractor
+    levels = scorer.levels if scorer.normalize else tuple(ex.levels)
     tiles = tiles_of(height, width, tile=tile, halo=ex.halo, align=ex.align)
     sample = _spread(tiles, scorer.stat_tiles)
     sampled = set(sample)
@@ -505,6 +520,8 @@ def score_tiles(
         del dn_a, dn_b
         fa = [f[0] for f in ex(za[None])]
         fb = [f[0] for f in ex(zb[None])]
+        if scorer.normalize and scorer.input_level:
+            fa, fb = [za, *fa], [zb, *fb]
         return fa, fb, ok_a & ok_b
 
     def interior(t: Tile, level: Level) -> tuple[slice, slice]:
@@ -515,10 +532,10 @@ def score_tiles(
     # Pass 1b: per level, per channel, both dates' moments over jointly usable pixels.
     level_stats: list[_LevelStats] = []
     if scorer.normalize:
-        moments = [_Moments() for _ in ex.levels]
+        moments = [_Moments() for _ in levels]
         for t in sample:
             fa, fb, ok = features(t)
-            for i, level in enumerate(ex.levels):
+            for i, level in enumerate(levels):
                 rows, cols = interior(t, level)
                 mask = _coarse(ok, level.stride)[rows, cols]
                 if mask.any():
@@ -527,7 +544,9 @@ def score_tiles(
             ma, sa, mb, sb, rho = m.stats()
             live = (sa > 1e-6) & (sb > 1e-6)
             n_keep = max(1, round(scorer.keep * int(live.sum()))) if live.any() else 0
-            key = rho if scorer.select == "variance" else -rho
+            # DCVA's selection: the channels whose raw difference varies most over the
+            # image, var(a - b) = var(a) + var(b) - 2 cov(a, b).
+            key = -(sa * sa + sb * sb - 2 * rho * sa * sb)
             order = np.argsort(np.where(live, key, np.inf), kind="stable")
             level_stats.append(
                 _LevelStats(
@@ -544,18 +563,25 @@ def score_tiles(
         fa, fb, ok = features(t)
         total = np.zeros((t.cut_height, t.cut_width), dtype=np.float32)
         levels_used = 0
-        for i, level in enumerate(ex.levels):
+        for i, level in enumerate(levels):
             if scorer.normalize:
                 st = level_stats[i]
                 if st.kept.size == 0:
                     continue
-                k = st.kept
-                da = (fa[i][k] - st.mean_a[k, None, None]) / st.std_a[k, None, None]
-                db = (fb[i][k] - st.mean_b[k, None, None]) / st.std_b[k, None, None]
-                diff = (da - db).astype(np.float32)
-                total += upsampled_sq_norm(diff, level.stride, *total.shape) / np.float32(k.size)
+                # The squared norm adds up over channels: chunks of them bound the memory.
+                level_sum = np.zeros_like(total)
+                for start in range(0, st.kept.size, _CHANNEL_CHUNK):
+                    k = st.kept[start : start + _CHANNEL_CHUNK]
+                    diff = (fa[i][k] - st.mean_a[k, None, None]) / st.std_a[k, None, None]
+                    diff -= (fb[i][k] - st.mean_b[k, None, None]) / st.std_b[k, None, None]
+                    level_sum += upsampled_sq_norm(diff, level.stride, *total.shape)
+                total += level_sum / np.float32(st.kept.size)
             else:
-                total += upsampled_sq_norm(fa[i] - fb[i], level.stride, *total.shape)
+                for start in range(0, fa[i].shape[0], _CHANNEL_CHUNK):
+                    chunk = slice(start, start + _CHANNEL_CHUNK)
+                    diff = fa[i][chunk] - fb[i][chunk]
+                    total += upsampled_sq_norm(diff, level.stride, *total.shape)
+            fa[i] = fb[i] = _EMPTY  # this level's maps are no longer needed
             levels_used += 1
         score = np.sqrt(total / max(levels_used, 1)) if scorer.normalize else np.sqrt(total)
         top, left = t.row - t.cut_row, t.col - t.cut_col
@@ -568,7 +594,7 @@ def score_tiles(
         "band_mean_before": [float(v) * DN_SCALE for v in band_stats[0]],
         "band_mean_after": [float(v) * DN_SCALE for v in band_stats[2]],
         "kept": {
-            level.name: int(st.kept.size) for level, st in zip(ex.levels, level_stats, strict=False)
+            level.name: int(st.kept.size) for level, st in zip(levels, level_stats, strict=False)
         },  # empty without normalisation (every channel is used)
     }
 

@@ -125,10 +125,10 @@ BAND_DESCRIPTION: dict[Scoring, str] = {
 #: What the values mean (a dataset tag), by scoring.
 VALUES_MEANING: dict[Scoring, str] = {
     "hypercolumn": (
-        "deep change vector analysis: sqrt of the mean over the dense model's levels (stem,"
-        " layer1, layer2, layer3) of the mean squared difference of the z-normalised kept"
-        " channels, upsampled to 10 m; each date's bands standardised over its usable pixels;"
-        " 0 = unchanged"
+        "deep change vector analysis: sqrt of the mean over the levels (the standardised"
+        " bands, and the dense model's stem, layer1, layer2, layer3) of the mean squared"
+        " difference of the z-normalised kept channels, upsampled to 10 m; each date's bands"
+        " standardised over its usable pixels; 0 = unchanged"
     ),
     "stem": (
         "Euclidean distance between the encoder stem's features (first convolution and ReLU,"
@@ -150,6 +150,8 @@ UNITS: dict[Scoring, str] = {
 TARGET_RESOLUTION_M = 10.0
 #: Bands whose native resolution is 10 m; the grid comes from the finest of them.
 _TEN_METRE_BANDS = ("B02", "B03", "B04", "B08")
+#: GDAL's block cache while a pair map is made, MB.
+GDAL_CACHE_MB = 128
 #: The smallest window side the encoder is meant for (``min_size`` of exported models).
 _MIN_WINDOW = 32
 
@@ -694,6 +696,7 @@ class StemEncoder:
         stem, self.input_name, self.channels, self.kernel = _cut_stem(proto, model)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = False  # see DenseEncoder
         try:
             self.session = ort.InferenceSession(
                 stem.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
@@ -967,7 +970,7 @@ def _scorer(scoring: Scoring, model: Path, *, keep: float) -> tuple[Scorer, dict
         dense = DenseEncoder(dense_model_for(model))
         return Scorer(dense, normalize=True, keep=keep), dense.metadata
     stem = StemEncoder(model)
-    return Scorer(_StemExtractor(stem), normalize=False), stem.metadata
+    return Scorer(_StemExtractor(stem), normalize=False, input_level=False), stem.metadata
 
 
 class _StemExtractor:
@@ -1187,7 +1190,10 @@ def _dense_map(
     # The model is loaded first: a bad model fails before the images are read.
     scorer, meta = _scorer(scoring, model, keep=keep)
     used_model = dense_model_for(model) if scoring == "hypercolumn" else model
+    # GDAL's block cache defaults to 5 % of the machine's memory and fills with the
+    # decompressed blocks of every band read and of the scores written: bound it.
     with (
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
         ProductSource(before, clouds=clouds) as first,
         ProductSource(
             after,

@@ -109,6 +109,29 @@ def load_checkpoint(data_dir: Path, key: str, *, sha256: str | None = None) -> d
     return payload
 
 
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """Read a checkpoint file by its path (another data directory's, say).
+
+    Raises:
+        CheckpointError: The file is missing, cannot be read, or is of another format.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} is missing or unreadable: {exc}") from exc
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"checkpoint {path} has format {found!r}; this revisit reads format {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
 def prune_checkpoints(data_dir: Path, *, keep: Iterable[str]) -> list[str]:
     """Remove checkpoint files not in ``keep`` and leftover temporary files.
 

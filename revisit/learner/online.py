@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from revisit.learner.change import DEFAULT_EPS, ChangeMixture, fit_change_mixtur
 from revisit.learner.encoder import band_statistics
 from revisit.learner.estimates import ChangeState
 from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
+from revisit.learner.heads import upgrade_model_state
 from revisit.learner.loader import BatchLoader
 from revisit.learner.mining import MiningPolicy
 from revisit.learner.trainer import Trainer, learner_augment
@@ -134,6 +136,10 @@ class OnlineLearner:
         new_model: Start a fresh model even if the database holds a checkpoint
             (of any method); the step counter goes on from the last one and the
             change estimates are kept.
+        init_from: With ``new_model``: a checkpoint file (another data
+            directory's, say) whose encoders, heads and input standardisation the
+            new model starts from -- to adapt a model trained elsewhere to this
+            database's places. The optimiser, queues and step start afresh.
     """
 
     def __init__(
@@ -144,7 +150,10 @@ class OnlineLearner:
         store: ChipStore | None = None,
         method: str | None = None,
         new_model: bool = False,
+        init_from: Path | None = None,
     ) -> None:
+        if init_from is not None and not new_model:
+            raise LearnerError("init_from starts a new model: it needs new_model")
         learner_settings = settings.learner
         if method is not None and method != learner_settings.method:
             learner_settings = learner_settings.model_copy(update={"method": method})
@@ -156,6 +165,7 @@ class OnlineLearner:
         self.data_dir = settings.data_dir
         self.store = store or ChipStore(settings.data_dir / "chips")
         self.new_model = new_model
+        self.init_from = init_from
         self.step = 0
         self.model_version_id: int | None = None
         self.mixture: ChangeMixture | None = None
@@ -261,9 +271,16 @@ class OnlineLearner:
                 latest.step,
                 latest.checkpoint_key,
             )
+        initialised = False
+        if payload is None and self.init_from is not None:
+            self._initialise_from(trainer, self.init_from)
+            initialised = True
         # A new model estimates its input standardisation before its first step; a
-        # resumed one has it (or, migrated from before it, keeps the identity).
-        self._needs_band_statistics = payload is None and self.config.normalization == "data"
+        # resumed one has it (or, migrated from before it, keeps the identity), and so
+        # does one started from another model's weights (they were trained with its).
+        self._needs_band_statistics = (
+            payload is None and not initialised and self.config.normalization == "data"
+        )
         self.step = max(latest.step if latest is not None else 0, last_event_step)
         if payload is None:
             trainer.start_step = self.step
@@ -275,6 +292,37 @@ class OnlineLearner:
         self._reference.load_state_dict(None if payload is None else payload.get("calibration"))
         if self.method == "geo-tp":
             self._assign_clusters()
+
+    def _initialise_from(self, trainer: Trainer, path: Path) -> None:
+        """Copy a checkpoint's weights (those of matching name and shape) into ``trainer``.
+
+        Queues and anything whose shape differs (another ``queue_size``, another
+        method's heads) keep their fresh values.
+
+        Raises:
+            CheckpointError: The file is not a readable checkpoint, or holds no
+                encoder weights this model can take.
+        """
+        payload = ckpt.load_checkpoint_file(path)
+        source = upgrade_model_state(payload["trainer"]["model"])
+        target = trainer.model.state_dict()
+        taken = {
+            k: v
+            for k, v in source.items()
+            if k in target and tuple(v.shape) == tuple(target[k].shape) and "queue" not in k
+        }
+        if not any(k.startswith("encoder.") for k in taken):
+            raise ckpt.CheckpointError(f"checkpoint {path} holds no encoder this model can take")
+        target.update(taken)
+        trainer.model.load_state_dict(target)
+        logger.info(
+            "new model starts from %s (method %s, step %s): %d of %d tensors taken",
+            path,
+            payload.get("method"),
+            payload.get("step"),
+            len(taken),
+            len(target),
+        )
 
     def _assign_clusters(self) -> None:
         with self.engine.begin() as conn:

@@ -274,7 +274,7 @@ def test_hypercolumn_map_writes_scores_mask_and_polygons(
     assert tags["model"].endswith("random.dense.onnx")
     kept = json.loads(tags["kept_channels"])
     # Half of each level's live channels (a random layer3 has dead ReLUs on a small image).
-    assert kept["stem"] == 32 and kept["layer1"] == 32
+    assert kept["input"] == 6 and kept["stem"] == 32 and kept["layer1"] == 32
     assert 0 < kept["layer2"] <= 64 and 0 < kept["layer3"] <= 128
     assert np.isnan(values[0]).all() and np.isfinite(values[1:, 1:]).all()
     truth = np.zeros_like(values, dtype=bool)

@@ -156,6 +156,39 @@ def test_another_method_needs_new_model(
     assert (latest[0].step, latest[0].method) == (5, "tp")
 
 
+def test_a_new_model_can_start_from_another_checkpoint(
+    world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
+) -> None:
+    """--new-model --init-from: another model's encoders and input statistics, fresh queues."""
+    settings = learner_settings(world_url, tmp_path / "var", queue_size=64)
+    with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
+        learner.run(2)
+        assert learner._trainer is not None
+        trained = {k: v.clone() for k, v in learner._trainer.model.state_dict().items()}
+    source = tmp_path / "var" / "checkpoints" / "caco" / "step-0000000002.pt"
+    other = learner_settings(world_url, tmp_path / "other", queue_size=32)  # another queue size
+    with pytest.raises(LearnerError, match="needs new_model"):
+        OnlineLearner(settings=other, engine=world_engine, store=world_store, init_from=source)
+    with OnlineLearner(
+        settings=other, engine=world_engine, store=world_store, new_model=True, init_from=source
+    ) as learner:
+        assert learner._trainer is not None
+        state = learner._trainer.model.state_dict()
+        for key in ("encoder.conv1.weight", "key_encoder.layer3.1.bn2.running_var"):
+            assert torch.equal(state[key], trained[key])
+        assert torch.equal(state["encoder.normalize.mean"], trained["encoder.normalize.mean"])
+        assert not bool((state["encoder.normalize.std"] == 1).all())  # not re-estimated
+        queues = [k for k in state if "queue" in k and state[k].ndim == 2]
+        assert queues and all(state[k].shape[-1] == 32 or state[k].shape[0] == 32 for k in queues)
+        learner.run(1)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        OnlineLearner(
+            settings=other, engine=world_engine, store=world_store, new_model=True, init_from=junk
+        ).open()
+
+
 def test_a_damaged_checkpoint_is_a_clear_error(
     world_url: str, world_engine: sa.Engine, world_store: ChipStore, tmp_path: Path
 ) -> None:
