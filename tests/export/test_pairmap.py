@@ -393,3 +393,103 @@ def test_reads_an_oscd_band_folder() -> None:
     assert first.dn.shape == (len(CANONICAL_BANDS), first.height, first.width)
     assert first.valid.mean() > 0.99
     assert second.valid.mean() > 0.9
+
+
+def _write_l2a(path: Path, data: npt.NDArray[np.float64], scl: npt.NDArray[np.uint8]) -> Path:
+    """A Level-2A multi-band GeoTIFF: the 12 bands and an SCL band."""
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=scl.shape[1],
+        height=scl.shape[0],
+        count=len(CANONICAL_BANDS) + 1,
+        dtype="uint16",
+        crs="EPSG:32631",
+        transform=Affine(PIXEL, 0, X0, 0, -PIXEL, Y0),
+    ) as ds:
+        ds.write(np.clip(np.rint(data), 1, 65535).astype(np.uint16), list(range(1, 13)))
+        ds.write(scl, 13)
+        for i, band in enumerate((*CANONICAL_BANDS, "SCL"), 1):
+            ds.set_band_description(i, band)
+        ds.update_tags(ACQUISITIONDATE="2024-06-01T10:00:00Z", PROCESSING_LEVEL="Level-2A")
+    return path
+
+
+def test_cloud_and_shadow_on_either_date_are_no_data_everywhere(
+    random_model: Path, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    spectrum = np.linspace(800, 3000, len(CANONICAL_BANDS))
+    base = spectrum[:, None, None] * (0.6 + 0.8 * _texture(rng, (SIZE, SIZE)))[None]
+    clear = np.full((SIZE, SIZE), 4, dtype=np.uint8)  # vegetation
+    cloudy = clear.copy()
+    cloudy[10:30, 50:90] = 9  # high-probability cloud on AFTER
+    cloudy[60:70, 5:25] = 3  # cloud shadow on AFTER
+    first = tmp_path / "a"
+    second = tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    before = _write_l2a(first / "S2A_MSIL2A_20240601_T31UDQ.tif", base, clear)
+    after_data = base + rng.normal(0, 10, base.shape)
+    after_data[:, 10:30, 50:90] = 9000  # the cloud itself: bright in every band
+    after = _write_l2a(second / "S2A_MSIL2A_20240701_T31UDQ.tif", after_data, cloudy)
+    out = tmp_path / "map.tif"
+    result = pair_change_map(before, after, model=random_model, out=out, scoring="stem")
+    with rasterio.open(out) as ds:
+        values = ds.read(1)
+        assert ds.tags()["clouds_after"].startswith("scl:")
+    masked = cloudy != 4
+    assert np.isnan(values[masked]).all() and np.isfinite(values[~masked]).all()
+    assert result.mask_path is not None and result.polygons_path is not None
+    with rasterio.open(result.mask_path) as ds:
+        mask = ds.read(1)
+    assert (mask[masked] == 255).all() and (mask[~masked] != 255).all()
+    assert result.valid_pixels == int((~masked).sum())
+    # The bright cloud would be the strongest "change" if it were not masked.
+    unmasked = pair_change_map(
+        before, after, model=random_model, out=tmp_path / "raw.tif", scoring="stem", clouds=False
+    )
+    with rasterio.open(unmasked.path) as ds:
+        raw = ds.read(1)
+    assert np.isfinite(raw).all()
+    assert float(np.median(raw[10:30, 50:90])) > 3 * float(np.median(raw[~masked]))
+
+
+def test_the_command_line_names_the_mask_and_polygons_and_takes_a_threshold(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    before, after = pair
+    out = tmp_path / "map.tif"
+    args = [sys.executable, "-m", "revisit.cli", "changemap", "pair", str(before), str(after)]
+    args += ["--out", str(out), "--model", str(random_model), "--scoring", "stem"]
+    mask, polygons = tmp_path / "m.tif", tmp_path / "p.geojson"
+    options = ["--mask", str(mask), "--polygons", str(polygons), "--threshold", "1.5"]
+    options += ["--opening", "1", "--min-area", "500"]
+    done = subprocess.run(
+        [*args, *options],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {mask}" in done.stdout and "threshold 1.5, given" in done.stdout
+    with rasterio.open(mask) as ds:
+        tags = ds.tags()
+    assert tags["threshold_method"] == "given" and float(tags["threshold"]) == 1.5
+    assert tags["opening_radius_px"] == "1" and float(tags["min_area_m2"]) == 500
+    features = json.loads(polygons.read_text())["features"]
+    assert all(f["properties"]["area_m2"] >= 450 for f in features)  # the mapping unit
+    assert not (tmp_path / "map.mask.tif").exists()
+    out.unlink()
+    done = subprocess.run(
+        [*args, "--no-mask"], env=cli_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and not (tmp_path / "map.mask.tif").exists()
+    assert not (tmp_path / "map.geojson").exists()
+    done = subprocess.run(
+        [*args[:-2], "--scoring", "pixels"], env=cli_env, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "unknown scoring 'pixels'" in done.stderr
