@@ -468,7 +468,9 @@ def score_tiles(
     levels = scorer.levels if scorer.normalize else tuple(ex.levels)
     tiles = tiles_of(height, width, tile=tile, halo=ex.halo, align=ex.align)
     sample = _spread(tiles, scorer.stat_tiles)
-    sampled = set(sample)
+    # Only a crop whose every tile is sampled keeps features between the passes: on a
+    # big image the one or two tiles that fit would hold memory through the whole pass.
+    every_tile_sampled = len(sample) == len(tiles)
 
     # Pass 1a: each date's band statistics over its usable pixels, on the sampled tiles.
     bands_a, bands_b = _Moments(), _Moments()
@@ -507,7 +509,7 @@ def score_tiles(
             return cache.pop(t)
         got = _features(t)
         size = sum(f.nbytes for f in got[0]) * 2
-        if scorer.normalize and t in sampled and cached_bytes + size <= _CACHE_BYTES:
+        if scorer.normalize and every_tile_sampled and cached_bytes + size <= _CACHE_BYTES:
             cache[t] = got
             cached_bytes += size
         return got

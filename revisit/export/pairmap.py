@@ -150,6 +150,10 @@ UNITS: dict[Scoring, str] = {
 TARGET_RESOLUTION_M = 10.0
 #: Bands whose native resolution is 10 m; the grid comes from the finest of them.
 _TEN_METRE_BANDS = ("B02", "B03", "B04", "B08")
+#: Tile side of pair maps: 384 + 2 x 128 halo = 640-pixel cuts keep a full tile pair's
+#: peak memory well under 2 GB (512-pixel tiles peaked near it); smaller tiles cost more
+#: halo (the deepest layer's receptive field) per pixel.
+DEFAULT_TILE = 384
 #: GDAL's block cache while a pair map is made, MB.
 GDAL_CACHE_MB = 128
 #: The smallest window side the encoder is meant for (``min_size`` of exported models).
@@ -1048,7 +1052,7 @@ def pair_change_map(
     stride: int = 16,
     window: int | None = None,
     batch: int = 64,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     keep: float = DEFAULT_KEEP,
     clouds: bool = True,
     mask: Path | None = None,
