@@ -129,9 +129,11 @@ DENSE_LAYERS: tuple[tuple[str, int, int], ...] = (
     ("layer2", 8, 128),
     ("layer3", 16, 256),
 )
-#: Receptive field (pixels) of a ResNet-18's layer3: 7x7/2 stem, 3x3/2 max-pool, then
-#: 3x3 convolutions -- 4 at stride 4 (layer1), 4 at stride 8, 4 at stride 16.
-DENSE_RECEPTIVE_FIELD = 7 + 2 * 2 + 4 * 2 * 4 + 4 * 2 * 8 + 4 * 2 * 16
+#: Receptive field (pixels) of a ResNet-18's layer3, each layer adding (kernel - 1) x the
+#: stride of its input: the 7x7/2 stem (7), the 3x3/2 max-pool (+2 x 2), layer1's four
+#: 3x3 convolutions (+4 x 2 x 4), layer2's strided one at stride 4 and three at 8
+#: (+2 x 4 + 3 x 2 x 8), layer3's at 8 and three at 16 (+2 x 8 + 3 x 2 x 16): 211.
+DENSE_RECEPTIVE_FIELD = 7 + 2 * 2 + 4 * 2 * 4 + (2 * 4 + 3 * 2 * 8) + (2 * 8 + 3 * 2 * 16)
 
 
 class FeatureModel(nn.Module):

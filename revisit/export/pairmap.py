@@ -845,6 +845,25 @@ def score_dense(
 # -- writing ---------------------------------------------------------------------------------
 
 
+def _remove_stale_scratch(out: Path) -> None:
+    """Delete the scratch files of earlier maps of ``out`` whose process is gone (killed)."""
+    for scratch in out.parent.glob(f".{out.name}.scores-*-*.tif"):
+        try:
+            pid = int(scratch.name.rsplit(".scores-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                scratch.unlink()
+                log.info("removed %s, left by a killed pair map", scratch)
+        except PermissionError:
+            continue  # another user's live process
+
+
 class _ScoreWriter:
     """Scores written tile by tile into a temporary tiled GeoTIFF, then published as a COG.
 
@@ -857,6 +876,7 @@ class _ScoreWriter:
     def __init__(self, out: Path, *, crs: CRS, transform: Affine, width: int, height: int) -> None:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_scratch(out)
         self.scratch = out.parent / f".{out.name}.scores-{os.getpid()}-{time.monotonic_ns()}.tif"
         profile = {
             "driver": "GTiff",

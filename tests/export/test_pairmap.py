@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -493,3 +494,19 @@ def test_the_command_line_names_the_mask_and_polygons_and_takes_a_threshold(
         [*args[:-2], "--scoring", "pixels"], env=cli_env, capture_output=True, text=True
     )
     assert done.returncode != 0 and "unknown scoring 'pixels'" in done.stderr
+
+
+def test_a_killed_maps_scratch_file_is_removed_by_the_next(
+    pair: tuple[Path, Path], random_model: Path, tmp_path: Path
+) -> None:
+    before, after = pair
+    out = tmp_path / "map.tif"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has any more
+    stale = tmp_path / f".map.tif.scores-{dead.pid}-1.tif"
+    stale.write_bytes(b"half a GeoTIFF")
+    live = tmp_path / f".map.tif.scores-{os.getpid()}-2.tif"  # a live process's: kept
+    live.write_bytes(b"in use")
+    pair_change_map(before, after, model=random_model, out=out, scoring="stem", write_mask=False)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "map.tif"])

@@ -103,7 +103,11 @@ def test_publish_writes_versioned_files_their_hashes_rows_and_latest_json(
     name = version_name(method="caco", step=2, model_version_id=first.id)
     assert published.version == name and not published.reused
     assert (published.model_version_id, published.method, published.step) == (first.id, "caco", 2)
-    files = {"features": f"{name}.features.onnx", "embedding": f"{name}.embedding.onnx"}
+    files = {
+        "features": f"{name}.features.onnx",
+        "embedding": f"{name}.embedding.onnx",
+        "dense": f"{name}.dense.onnx",  # export.dense_model, the default
+    }
     assert _listing(directory) == {
         MANIFEST,
         *files.values(),
@@ -140,7 +144,7 @@ def test_publish_writes_versioned_files_their_hashes_rows_and_latest_json(
         assert row.sha256 == published.sha256s[output]
         assert row.size_bytes == (directory / files[output]).stat().st_size
         assert row.model_version_id == first.id
-        assert row.metadata["encoder"] == {"features": "query", "embedding": "key"}[output]
+        assert row.metadata["encoder"] == {"features": "query"}.get(output, "key")
         assert row.metadata["parity_max_abs_diff"] == published.max_abs_diff[output]
         assert (row.metadata["method"], row.metadata["step"], row.metadata["version"]) == (
             "caco",
@@ -187,7 +191,7 @@ def test_publishing_a_published_version_again_is_a_no_op(export_world: ExportWor
     )
     assert again.max_abs_diff == before.max_abs_diff
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == stats
-    assert len(_artifacts(export_world.engine)) == 2
+    assert len(_artifacts(export_world.engine)) == 3  # features, embedding, dense
 
 
 def test_a_consumer_without_revisit_gets_what_pytorch_computes(
@@ -341,7 +345,8 @@ def test_retention_keeps_the_newest_versions_and_the_one_latest_json_names(
     assert versions == {newer, current}
     names = _listing(directory)
     assert {n.split(".")[0] for n in names if n.endswith(".onnx")} == {newer, current}
-    assert {MANIFEST, "NOTES.txt"} <= names and len(names) == 2 + 2 * 4
+    # The current version's three models (and hashes), the fake newer one's two.
+    assert {MANIFEST, "NOTES.txt"} <= names and len(names) == 2 + 2 * 3 + 2 * 2
     assert read_manifest(export_world.data_dir)["version"] == current  # type: ignore[index]
 
     publish_onnx(
