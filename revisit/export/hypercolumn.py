@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -599,10 +599,3 @@ def score_tiles(
             level.name: int(st.kept.size) for level, st in zip(levels, level_stats, strict=False)
         },  # empty without normalisation (every channel is used)
     }
-
-
-def iter_windows(height: int, width: int, block: int) -> Iterator[tuple[int, int, int, int]]:
-    """(row, col, rows, cols) blocks covering a grid, row-major."""
-    for row in range(0, height, block):
-        for col in range(0, width, block):
-            yield row, col, min(block, height - row), min(block, width - col)

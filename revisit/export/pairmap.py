@@ -803,12 +803,15 @@ def score_dense(
 ) -> npt.NDArray[np.float32]:
     """Per-pixel Euclidean distance of the stem's features of two standardised dates.
 
+    The ``stem`` scoring of :func:`pair_change_map` on scenes in memory, with
+    the band statistics of every tile (so tiling does not change the result).
+
     Args:
         before: One date.
         after: The other, on the same grid.
         stem: The exported model's stem.
         tile: Side of the tiles the image is processed in (each with a halo of
-            half the kernel, so tiling does not change the result).
+            half the kernel).
 
     Returns:
         (height, width) float32, NaN where either date has no data.
@@ -817,28 +820,21 @@ def score_dense(
         raise ValueError(f"scenes differ in shape: {before.dn.shape} vs {after.dn.shape}")
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
-    height, width = before.height, before.width
-    a = standardized(before)
-    b = standardized(after)
-    halo = stem.halo
-    result = np.empty((height, width), dtype=np.float32)
-    for row in range(0, height, tile):
-        for col in range(0, width, tile):
-            r0, r1 = max(row - halo, 0), min(row + tile + halo, height)
-            c0, c1 = max(col - halo, 0), min(col + tile + halo, width)
-            # A pixel at least ``halo`` inside the cut sees only real neighbours; at the
-            # image's edges the convolution's zero padding is that of one whole pass.
-            cut = np.stack([a[:, r0:r1, c0:c1], b[:, r0:r1, c0:c1]])
-            features = stem(np.ascontiguousarray(cut))
-            diff = features[0] - features[1]
-            distance = np.sqrt(np.einsum("chw,chw->hw", diff, diff))
-            top, left = row - r0, col - c0
-            rows = min(tile, height - row)
-            cols = min(tile, width - col)
-            result[row : row + rows, col : col + cols] = distance[
-                top : top + rows, left : left + cols
-            ]
-    result[~(before.valid & after.valid)] = np.nan
+    result = np.full((before.height, before.width), np.nan, dtype=np.float32)
+
+    def sink(t: Tile, values: npt.NDArray[np.float32]) -> None:
+        result[t.row : t.row + t.height, t.col : t.col + t.width] = values
+
+    scorer = Scorer(_StemExtractor(stem), normalize=False, input_level=False, stat_tiles=1 << 30)
+    score_tiles(
+        SceneSource(before),
+        SceneSource(after),
+        height=before.height,
+        width=before.width,
+        scorer=scorer,
+        tile=tile,
+        sink=sink,
+    )
     return result
 
 
