@@ -395,6 +395,28 @@ def grid_change(
 # -- COG --------------------------------------------------------------------------------------
 
 
+def translate_to_cog(
+    source: Any, target: Path, profile: Mapping[str, Any], *, what: str, **options: Any
+) -> None:
+    """``rio_cogeo``'s ``cog_translate`` of an open dataset to ``target``, then validated.
+
+    Args:
+        source: An open rasterio dataset.
+        target: The file to write (a temporary name; the caller publishes it).
+        profile: The COG creation profile.
+        what: How to name the file in the error.
+        options: More ``cog_translate`` arguments (``overview_resampling``,
+            ``in_memory``, ``nodata``, ...); ``forward_band_tags`` is always on.
+
+    Raises:
+        ExportError: The result is not a valid COG.
+    """
+    cog_translate(source, str(target), dict(profile), forward_band_tags=True, quiet=True, **options)
+    valid, errors, _warnings = cog_validate(str(target), quiet=True)
+    if not valid:
+        raise ExportError(f"{what} is not a valid COG: {'; '.join(errors)}")
+
+
 def write_float_cog(
     values: npt.NDArray[np.float32],
     path: Path,
@@ -432,18 +454,14 @@ def write_float_cog(
                     dataset.update_tags(**tags)
                     dataset.update_tags(1, name=description, units=units)
                 with memory.open() as dataset:
-                    cog_translate(
+                    translate_to_cog(
                         dataset,
-                        str(tmp),
+                        tmp,
                         cog_profile,
+                        what=str(path),
                         overview_resampling="average",
-                        forward_band_tags=True,
                         in_memory=True,
-                        quiet=True,
                     )
-            valid, errors, _warnings = cog_validate(str(tmp), quiet=True)
-            if not valid:
-                raise ExportError(f"{path} is not a valid COG: {'; '.join(errors)}")
             return _publish(tmp, path)
     except (OSError, rasterio.errors.RasterioError) as exc:
         raise ExportError(f"could not write the COG {path}: {exc}") from exc

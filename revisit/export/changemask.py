@@ -125,7 +125,6 @@ from pyproj import Geod, Transformer
 from rasterio.crs import CRS
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
-from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, shape
@@ -135,7 +134,7 @@ from skimage.morphology import disk, opening
 from sklearn.mixture import GaussianMixture
 
 from revisit.errors import ExportError
-from revisit.export.changemap import _publish, _temporary
+from revisit.export.changemap import _publish, _temporary, translate_to_cog
 
 __all__ = [
     "CONNECTIVITY",
@@ -524,22 +523,18 @@ def _write_mask_cog(
             cog_profile: dict[str, Any] = dict(cog_profiles["deflate"])
             cog_profile.update(blockxsize=_TILE, blockysize=_TILE)
             with rasterio.open(source) as dataset:
-                cog_translate(
+                translate_to_cog(
                     dataset,
-                    str(out),
+                    out,
                     cog_profile,
+                    what="the change mask",
                     nodata=NODATA,
                     overview_resampling="mode",
-                    forward_band_tags=True,
                     in_memory=False,
-                    quiet=True,
                 )
         finally:
             with contextlib.suppress(OSError):
                 source.unlink()
-    valid, errors, _warnings = cog_validate(str(out), quiet=True)
-    if not valid:
-        raise ExportError(f"the change mask is not a valid COG: {'; '.join(errors)}")
 
 
 # -- polygons ---------------------------------------------------------------------------------

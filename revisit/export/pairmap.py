@@ -820,12 +820,19 @@ def score_dense(
         raise ValueError(f"scenes differ in shape: {before.dn.shape} vs {after.dn.shape}")
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
+    scorer = Scorer(_StemExtractor(stem), normalize=False, input_level=False, stat_tiles=1 << 30)
+    return _score_in_memory(before, after, scorer, tile=tile)
+
+
+def _score_in_memory(
+    before: Scene, after: Scene, scorer: Scorer, *, tile: int
+) -> npt.NDArray[np.float32]:
+    """:func:`score_tiles` over two scenes in memory, into one array (NaN where unusable)."""
     result = np.full((before.height, before.width), np.nan, dtype=np.float32)
 
     def sink(t: Tile, values: npt.NDArray[np.float32]) -> None:
         result[t.row : t.row + t.height, t.col : t.col + t.width] = values
 
-    scorer = Scorer(_StemExtractor(stem), normalize=False, input_level=False, stat_tiles=1 << 30)
     score_tiles(
         SceneSource(before),
         SceneSource(after),
@@ -897,10 +904,9 @@ class _ScoreWriter:
         self.dataset.write(values, 1, window=Window(col, row, values.shape[1], values.shape[0]))
 
     def publish(self, *, description: str, units: str, tags: dict[str, str]) -> tuple[str, int]:
-        from rio_cogeo.cogeo import cog_translate, cog_validate
         from rio_cogeo.profiles import cog_profiles
 
-        from revisit.export.changemap import _publish, _temporary
+        from revisit.export.changemap import _publish, _temporary, translate_to_cog
 
         self.dataset.set_band_description(1, description)
         self.dataset.update_tags(**tags)
@@ -911,18 +917,14 @@ class _ScoreWriter:
         try:
             with _temporary(self.out) as tmp:
                 with rasterio.open(self.scratch) as src:
-                    cog_translate(
+                    translate_to_cog(
                         src,
-                        str(tmp),
+                        tmp,
                         profile,
+                        what=str(self.out),
                         overview_resampling="average",
-                        forward_band_tags=True,
                         in_memory=False,
-                        quiet=True,
                     )
-                valid, errors, _ = cog_validate(str(tmp), quiet=True)
-                if not valid:
-                    raise ExportError(f"{self.out} is not a valid COG: {'; '.join(errors)}")
                 written = _publish(tmp, self.out)
         except (OSError, rasterio.errors.RasterioError) as exc:
             raise ExportError(f"could not write the COG {self.out}: {one_line(exc)}") from exc
@@ -1028,21 +1030,7 @@ def score_scenes(
     if scoring == "windows":
         raise ValueError("score_scenes scores hypercolumn or stem; use score_pair for windows")
     scorer, _ = _scorer(scoring, model, keep=keep)
-    result = np.full((before.height, before.width), np.nan, dtype=np.float32)
-
-    def sink(t: Tile, values: npt.NDArray[np.float32]) -> None:
-        result[t.row : t.row + t.height, t.col : t.col + t.width] = values
-
-    score_tiles(
-        SceneSource(before),
-        SceneSource(after),
-        height=before.height,
-        width=before.width,
-        scorer=scorer,
-        tile=tile,
-        sink=sink,
-    )
-    return result
+    return _score_in_memory(before, after, scorer, tile=tile)
 
 
 def _canonical_scoring(scoring: str) -> Scoring:
