@@ -245,6 +245,24 @@ def pixel_auroc(
     return float(roc_auc_score(y, s)), finite / total
 
 
+def pair_command(
+    before: Path, after: Path, *, out: Path, model: Path, extra: list[str] | None = None
+) -> list[str]:
+    """``revisit changemap pair BEFORE AFTER --out OUT --model MODEL [EXTRA...]`` as argv."""
+    return [
+        *REVISIT,
+        "changemap",
+        "pair",
+        str(before),
+        str(after),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        *(extra or []),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=FULL_SIZE, help="pixels a side at 10 m")
@@ -277,18 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = shlex.split(args.extra)
     if args.scoring:
         extra = ["--scoring", args.scoring, *extra]
-    command = [
-        *REVISIT,
-        "changemap",
-        "pair",
-        str(pair.before),
-        str(pair.after),
-        "--out",
-        str(out),
-        "--model",
-        str(model),
-        *extra,
-    ]
+    command = pair_command(pair.before, pair.after, out=out, model=model, extra=extra)
     env = dict(os.environ, REVISIT_DATA_DIR=str(work / "var"), COLUMNS="200")
     print(f"$ revisit {shlex.join(command[len(REVISIT) :])}", flush=True)
     run = run_measured(

@@ -9,12 +9,15 @@ own inside it: ``fresh_database_url`` (PostGIS only) or ``database_url``
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import hypothesis
 import psycopg
@@ -35,6 +38,20 @@ hypothesis.settings.load_profile("revisit")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_bench(name: str) -> ModuleType:
+    """A bench script by file: bench/ is not a package (and holds an onnx.py)."""
+    key = f"_revisit_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 TEMPLATE = "revisit_test_template"
 
 

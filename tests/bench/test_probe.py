@@ -9,12 +9,9 @@ when it is absent; the full ``scl`` build reads a whole tile and is ``slow``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
@@ -22,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from revisit.types import CANONICAL_BANDS
+from tests.conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -30,19 +28,7 @@ OSCD = SHARED_DATA / "oscd"
 SAFE_DIR = SHARED_DATA / "s2_l2a_safe_T29UNU"
 
 
-def _load(name: str) -> ModuleType:
-    """A bench script by file: bench/ is not a package (and holds an onnx.py)."""
-    key = f"_revisit_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-probe = _load("probe")
+probe = load_bench("probe")
 probe_data = probe.probe_data
 
 WEIGHTS = np.random.default_rng(3).normal(size=(12, 8)).astype(np.float32)

@@ -10,13 +10,10 @@ memory to 2 GiB.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -25,27 +22,15 @@ from rasterio.windows import Window
 
 from revisit.export.pairmap import read_canonical
 from revisit.types import CANONICAL_BANDS
-from tests.conftest import make_tempdir
+from tests.conftest import load_bench, make_tempdir
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = 732
 GIB = 2**30
 
 
-def _load(name: str) -> ModuleType:
-    """A bench script by file: bench/ is not a package (and holds an onnx.py)."""
-    key = f"_revisit_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-fulltile = _load("fulltile")
-bench_pairmap = _load("pairmap")
+fulltile = load_bench("fulltile")
+bench_pairmap = load_bench("pairmap")
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +100,7 @@ def test_full_tile_pair_map_within_2_gib() -> None:
         pair = fulltile.generate_pair(root / "pair", size=fulltile.FULL_SIZE)
         model = bench_pairmap.export_random(root)  # + random.dense.onnx beside it
         out = root / "map.tif"
-        command = [
-            *bench_pairmap.REVISIT,
-            "changemap",
-            "pair",
-            str(pair.before),
-            str(pair.after),
-            "--out",
-            str(out),
-            "--model",
-            str(model),
-        ]
+        command = bench_pairmap.pair_command(pair.before, pair.after, out=out, model=model)
         env = dict(os.environ, REVISIT_DATA_DIR=str(root / "var"))
         # Killed well before a whole-scene reader could exhaust a shared machine.
         run = bench_pairmap.run_measured(command, env=env, kill_above_bytes=3 * GIB, echo=False)
