@@ -392,7 +392,13 @@ def sample(
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[str, typer.Option(help="simulated, local or sentinelhub.")] = "simulated",
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="simulated, local or sentinelhub (default: simulated; for --worker: every"
+            " source in daemon.sources)."
+        ),
+    ] = None,
     path: Annotated[
         Path | None, typer.Option(help="For --source local: the directory of products.")
     ] = None,
@@ -401,18 +407,82 @@ def ingest(
     ] = None,
     until: Annotated[str | None, typer.Option(help="Up to this date (default: now).")] = None,
     aoi: Annotated[str | None, typer.Option(help="Only the locations of this AOI.")] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Only search: queue the scenes found for ingest workers (the cursor then moves"
+            " as workers finish them).",
+        ),
+    ] = False,
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker",
+            help="Run an ingest worker: claim queued scenes under a lease and ingest them, until"
+            " SIGTERM (which lets the scene in progress finish).",
+        ),
+    ] = False,
+    max_scenes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --plan: queue at most this many; with --worker: stop after this many."
+        ),
+    ] = None,
+    drain: Annotated[
+        bool,
+        typer.Option("--drain", help="With --worker: stop once no scene is queued or claimed."),
+    ] = False,
+    exit_with_parent: Annotated[
+        bool,
+        typer.Option(
+            "--exit-with-parent",
+            help="With --worker: stop when the process that started it exits (for supervisors).",
+        ),
+    ] = False,
 ) -> None:
-    """Ingest scenes from a source: chips to the chip store, rows to the database."""
+    """Ingest scenes from a source: chips to the chip store, rows to the database.
+
+    With neither --plan nor --worker, one process searches and ingests. To
+    spread the work over processes and machines sharing one database, plan
+    with `revisit ingest --plan` (or let `revisit run` with
+    daemon.ingest_workers > 0 do it), and run any number of
+    `revisit ingest --worker`: planning is never done by workers. Workers on
+    other machines need the same database URL and the chip store
+    (data_dir/chips) on shared storage.
+    """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from revisit.db.engine import Database
     from revisit.db.migrate import upgrade
     from revisit.ingest.chips import ChipStore
-    from revisit.ingest.pipeline import IngestPipeline, IngestSummary
+    from revisit.ingest.pipeline import IngestPipeline, IngestSummary, PlanSummary
     from revisit.ingest.sources import build_source
     from revisit.types import SceneRef
 
     settings = _settings(ctx)
+    if plan and worker:
+        raise typer.BadParameter("give --plan or --worker, not both")
+    if worker:
+        if since is not None or until is not None or aoi is not None:
+            raise typer.BadParameter(
+                "--worker ingests the scenes a plan queued: --since, --until and --aoi go with"
+                " --plan"
+            )
+        _ingest_worker(
+            settings,
+            sources=(source,) if source is not None else settings.daemon.sources,
+            path=path,
+            max_scenes=max_scenes,
+            drain=drain,
+            exit_with_parent=exit_with_parent,
+        )
+        return
+    if drain or exit_with_parent:
+        raise typer.BadParameter("--drain and --exit-with-parent go with --worker")
+    if max_scenes is not None and not plan:
+        raise typer.BadParameter("--max-scenes goes with --plan or --worker")
+    source = "simulated" if source is None else source
     start, end = _parse_date(since), _parse_date(until, end_of_day=True)
     scene_source = build_source(source, settings, path=path)
     try:
@@ -435,24 +505,43 @@ def ingest(
 
                 def progress(scene: SceneRef | None, summary: IngestSummary) -> None:
                     when = f" ({scene.acquired_at:%Y-%m-%d})" if scene else ""
+                    done = (
+                        f"{summary.queued} queued, {summary.known} known"
+                        if isinstance(summary, PlanSummary)
+                        else f"{summary.scenes} scenes, {summary.chips} chips, "
+                        f"{summary.skipped} skipped"
+                    )
                     bar.update(
                         task,
-                        description=f"{source}{when}: {summary.scenes} scenes, "
-                        f"{summary.chips} chips, {summary.skipped} skipped, "
-                        f"{summary.quarantined} quarantined",
+                        description=f"{source}{when}: {done}, {summary.quarantined} quarantined",
                     )
 
-                summary = pipeline.run(aoi=aoi, since=start, until=end, progress=progress)
+                summary: IngestSummary
+                if plan:
+                    summary = pipeline.plan(
+                        aoi=aoi, since=start, until=end, max_scenes=max_scenes, progress=progress
+                    )
+                else:
+                    summary = pipeline.run(aoi=aoi, since=start, until=end, progress=progress)
     finally:
         scene_source.close()
-    table = Table("scenes", "chips", "skipped", "quarantined", "seconds", show_edge=False)
-    table.add_row(
-        str(summary.scenes),
-        str(summary.chips),
-        str(summary.skipped),
-        str(summary.quarantined),
-        f"{summary.seconds:.1f}",
-    )
+    if isinstance(summary, PlanSummary):
+        table = Table("queued", "known", "quarantined", "seconds", show_edge=False)
+        table.add_row(
+            str(summary.queued),
+            str(summary.known),
+            str(summary.quarantined),
+            f"{summary.seconds:.1f}",
+        )
+    else:
+        table = Table("scenes", "chips", "skipped", "quarantined", "seconds", show_edge=False)
+        table.add_row(
+            str(summary.scenes),
+            str(summary.chips),
+            str(summary.skipped),
+            str(summary.quarantined),
+            f"{summary.seconds:.1f}",
+        )
     stdout.print(table)
     for reason, count in sorted(summary.quarantined_by_reason.items()):
         stdout.print(f"  quarantined {reason}: {count}")
@@ -461,6 +550,65 @@ def ingest(
             f"[yellow]interrupted: {summary.interrupted}; the next run resumes from there[/]"
         )
         raise typer.Exit(EXIT_ERROR)
+
+
+def _ingest_worker(
+    settings: Settings,
+    *,
+    sources: tuple[str, ...],
+    path: Path | None,
+    max_scenes: int | None,
+    drain: bool,
+    exit_with_parent: bool,
+) -> None:
+    """``revisit ingest --worker``: claim and ingest queued scenes until stopped."""
+    import os
+    import threading
+
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+    from revisit.ingest.chips import ChipStore
+    from revisit.ingest.sources import build_source
+    from revisit.ingest.workers import IngestWorker, WorkerInterrupted, stop_on_signals
+
+    if not sources:
+        raise typer.BadParameter("daemon.sources is empty: name the worker's source with --source")
+    parent = os.getppid() if exit_with_parent else None
+    built = {}
+    try:
+        for name in dict.fromkeys(sources):
+            built[name] = build_source(name, settings, path=path)
+        stop = threading.Event()
+        with stop_on_signals(stop), Database(settings) as db:
+            upgrade(db.engine)
+            pool = IngestWorker(
+                db.engine,
+                ChipStore(settings.data_dir / "chips"),
+                built,
+                settings=settings.ingest,
+                stop=stop,
+            )
+            summary = pool.run(max_tasks=max_scenes, drain=drain, parent_pid=parent)
+    except WorkerInterrupted:
+        stdout.print("[yellow]interrupted: the scene in progress went back to the queue[/]")
+        raise typer.Exit(130) from None
+    finally:
+        for scene_source in built.values():
+            scene_source.close()
+    table = Table(
+        "scenes", "chips", "skipped", "quarantined", "failed", "given back", "seconds",
+        show_edge=False,
+    )  # fmt: skip
+    table.add_row(
+        str(summary.scenes),
+        str(summary.chips),
+        str(summary.skipped),
+        str(summary.quarantined),
+        str(summary.failed),
+        str(summary.released),
+        f"{summary.seconds:.1f}",
+    )
+    stdout.print(table)
 
 
 DEFAULT_LEARN_STEPS = 1000
@@ -511,11 +659,23 @@ def learn(
             " another data directory's checkpoints/), to adapt a model to these places.",
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Train one model with this many processes on this machine (torch.distributed"
+            " DDP: gloo on CPU, NCCL with one GPU each); each takes learner.batch_size"
+            " locations a step. Across machines, run `torchrun ... -m revisit learn` instead.",
+        ),
+    ] = 1,
 ) -> None:
     """Train the encoder on the ingested observations and update every location's r.
 
     Resumes from the newest checkpoint; Ctrl-C (or SIGTERM) ends the step in
-    progress, checkpoints and exits, and so does the end of --minutes.
+    progress, checkpoints and exits, and so does the end of --minutes. With
+    --nproc N (or as a rank of torchrun) N processes train one model; rank 0
+    writes to the database and prints the summary.
     """
     import signal
     import threading
@@ -524,6 +684,7 @@ def learn(
 
     from revisit.db.engine import Database
     from revisit.db.migrate import upgrade
+    from revisit.learner.distributed import Distributed, launched
     from revisit.learner.online import OnlineLearner, StepReport
     from revisit.learner.trainer import METHODS
 
@@ -532,6 +693,14 @@ def learn(
         raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     if init_from is not None and not new_model:
         raise typer.BadParameter("needs --new-model", param_hint="--init-from")
+    if nproc > 1 and not launched():
+        args = [*(["--steps", str(steps)] if steps is not None else [])]
+        args += ["--minutes", f"{minutes!r}"] if minutes is not None else []
+        args += ["--method", method] if method is not None else []
+        args += ["--new-model"] if new_model else []
+        args += ["--init-from", str(init_from.resolve())] if init_from is not None else []
+        state: _State = ctx.find_root().obj
+        raise typer.Exit(_launch_learners(settings, nproc, args, config=state.config_file))
     if steps is None and minutes is None:
         steps = DEFAULT_LEARN_STEPS
     stop = threading.Event()
@@ -539,10 +708,15 @@ def learn(
     def request_stop(signum: int, frame: object) -> None:
         stop.set()
 
+    dist = Distributed.from_environment(settings.learner.device) if launched() else None
+    main_rank = dist is None or dist.is_main
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with Database(settings) as db:
-            upgrade(db.engine)
+            if main_rank:
+                upgrade(db.engine)
+            if dist is not None:
+                dist.barrier()  # the others wait for rank 0's migrations
             with (
                 OnlineLearner(
                     settings=settings,
@@ -550,6 +724,7 @@ def learn(
                     method=method,
                     new_model=new_model,
                     init_from=init_from,
+                    dist=dist,
                 ) as learner,
                 Progress(
                     TextColumn("{task.description}"),
@@ -559,6 +734,7 @@ def learn(
                     TextColumn("{task.fields[stats]}"),
                     console=Console(stderr=True),
                     transient=True,
+                    disable=not main_rank,
                 ) as bar,
             ):
                 budget = f", {minutes:g} min" if minutes is not None else ""
@@ -586,6 +762,10 @@ def learn(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if dist is not None:
+            dist.close()
+    if not main_rank:
+        return
     # Seven columns: the table fits 80 characters, the width when not on a terminal.
     table = Table(
         "method",
@@ -598,7 +778,8 @@ def learn(
         show_edge=False,
     )
     rate = summary.steps / summary.seconds if summary.seconds > 0 else 0.0
-    batch = settings.learner.batch_size  # fewer per step only with fewer locations than this
+    # The global batch; fewer per step only with fewer locations than this.
+    batch = settings.learner.batch_size * (dist.world_size if dist is not None else 1)
     table.add_row(
         summary.method,
         str(summary.steps),
@@ -609,7 +790,10 @@ def learn(
         f"{summary.changed_fraction:.1%} of {summary.measured}",
     )
     stdout.print(table)
-    stdout.print(f"{summary.steps} steps of {batch} locations in {summary.seconds:.1f} s")
+    processes = f" on {dist.world_size} processes" if dist is not None else ""
+    stdout.print(
+        f"{summary.steps} steps of {batch} locations{processes} in {summary.seconds:.1f} s"
+    )
     if stop.is_set():
         stdout.print(
             f"[yellow]stopped at step {summary.last_step}; checkpointed, the next run resumes[/]"
@@ -618,6 +802,52 @@ def learn(
         stdout.print(
             f"time budget of {minutes:g} min reached at step {summary.last_step}; checkpointed"
         )
+
+
+def _launch_learners(
+    settings: Settings, nproc: int, args: list[str], *, config: Path | None
+) -> int:
+    """``revisit learn --nproc N``: N ranks of ``revisit learn`` under ``torch.distributed.run``.
+
+    The database is opened (the embedded cluster started) and migrated here
+    first, so the ranks find it up; SIGINT and SIGTERM go on to the launcher,
+    whose ranks checkpoint and stop together.
+
+    Returns:
+        The launcher's exit status.
+    """
+    import signal
+    import subprocess
+
+    from revisit.db.engine import Database
+    from revisit.db.migrate import upgrade
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "revisit",
+        *(["--config", str(config.resolve())] if config is not None else []),
+        "learn",
+        *args,
+    ]
+    with Database(settings) as db:
+        upgrade(db.engine)
+        child = subprocess.Popen(command)
+
+        def forward(signum: int, frame: object) -> None:
+            child.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @chips_app.command("gc")

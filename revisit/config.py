@@ -98,6 +98,26 @@ class IngestSettings(_Section):
         description="Ingest stops before a scene whose chips would leave less free space than "
         "this on the chip store's filesystem (room for the database and checkpoints).",
     )
+    lease_s: float = Field(
+        default=120,
+        ge=1,
+        le=86400,
+        description="An ingest worker's lease on its scene; renewed every third of it while "
+        "the worker lives, so another worker takes the scene over this long after a crash.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Claims of a scene by ingest workers before it is failed and quarantined "
+        "as ingest-failed (a source outage does not count).",
+    )
+    worker_poll_s: float = Field(
+        default=5,
+        gt=0,
+        le=3600,
+        description="How often an idle ingest worker looks for a scene to claim.",
+    )
 
 
 class SimulatedSettings(_Section):
@@ -359,6 +379,24 @@ class DaemonSettings(_Section):
     )
     learn_chunk_s: float = Field(
         default=10, gt=0, description="A learning chunk also ends after this many seconds."
+    )
+    learner_processes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "Learner processes: 1 learns in the daemon; N > 1 runs `revisit learn --nproc N`"
+            " (torch.distributed, DDP) as a supervised child."
+        ),
+    )
+    ingest_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "Ingest worker processes (`revisit ingest --worker`) the daemon runs; 0: the"
+            " ingest jobs ingest in-process."
+        ),
     )
     refit_every_s: float = Field(
         default=120, gt=0, description="Seconds between change-mixture refits."

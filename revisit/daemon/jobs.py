@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from revisit.config import Settings
 from revisit.daemon.metrics import Metrics
@@ -35,11 +35,13 @@ from revisit.db.scenes import referenced_chip_keys
 from revisit.fsutil import TMP_SUFFIX
 from revisit.ingest.chips import ChipStore
 from revisit.logs import log_context
+from revisit.memory import trim_heap
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from revisit.ingest.pipeline import IngestSummary
+    from revisit.ingest.pipeline import IngestSummary, PlanSummary
+    from revisit.ingest.sources.base import SceneSource
     from revisit.learner.online import OnlineLearner, StepReport
     from revisit.types import SceneRef
 
@@ -103,9 +105,10 @@ class SchedulerControl(Protocol):
 class LearnerSlot:
     """The one :class:`OnlineLearner` the daemon keeps open across learning chunks.
 
-    The learn, refit and ONNX export jobs take :attr:`lock` while they use it
-    (or torch), so neither a refit nor an export runs in the middle of a chunk;
-    shutdown takes it to close (and checkpoint) the learner.
+    The learn and refit jobs take :attr:`lock` while they use it, so a refit
+    never runs in the middle of a chunk; shutdown takes it to close (and
+    checkpoint) the learner. (The ONNX export runs in a child process from the
+    committed checkpoint, and needs neither.)
     """
 
     def __init__(self) -> None:
@@ -237,6 +240,9 @@ def run_job(
                     extra={"job": job_id, "outcome": "failed"},
                 )
         seconds = time.monotonic() - began
+        # What the run freed (a chunk's activations, an ingest run's rasters) goes back to
+        # the system instead of staying in the C heap of a process that runs for months.
+        trim_heap(collect=False)
         if result.outcome == "ok":
             log.info(
                 "job %s done in %.1f s: %s",
@@ -350,6 +356,8 @@ def ingest(source: str, aoi: str | None = None, *, ctx: JobContext | None = None
             where = f"in AOI {aoi}" if aoi else "at all"
             return JobResult("skipped", f"no locations {where}: add some with `revisit sample`")
     scene_source = build_source(source, c.settings)
+    if c.settings.daemon.ingest_workers > 0:
+        return _plan_for_workers(c, scene_source, aoi=aoi)
     budget = c.settings.daemon.ingest_max_scenes
     seen = 0
     latest: list[IngestSummary] = []
@@ -388,6 +396,49 @@ def ingest(source: str, aoi: str | None = None, *, ctx: JobContext | None = None
     )
     if summary.interrupted:
         return JobResult("failed", f"{detail}; interrupted: {summary.interrupted}")
+    return JobResult("ok", detail)
+
+
+def _plan_for_workers(c: JobContext, scene_source: SceneSource, *, aoi: str | None) -> JobResult:
+    """The ingest job when ``daemon.ingest_workers`` > 0: queue scenes for the workers.
+
+    Up to ``daemon.ingest_max_scenes`` new scenes a run; the daemon's
+    ``revisit ingest --worker`` children ingest them and move the cursor.
+    """
+    from revisit.db.ingest_tasks import count_by_state
+    from revisit.ingest.pipeline import IngestPipeline
+
+    latest: list[IngestSummary] = []
+
+    def progress(scene: SceneRef | None, summary: IngestSummary) -> None:
+        latest[:] = [summary]
+        if c.stop.is_set():
+            raise _EnoughForNow
+
+    more = ""
+    try:
+        pipeline = IngestPipeline(c.engine, c.store, scene_source, settings=c.settings.ingest)
+        try:
+            planned = pipeline.plan(
+                aoi=aoi, max_scenes=c.settings.daemon.ingest_max_scenes, progress=progress
+            )
+        except _EnoughForNow:
+            planned = cast("PlanSummary", latest[0])
+            more = "; shutting down"
+    finally:
+        scene_source.close()
+    c.metrics.ingested(
+        source=scene_source.name, scenes=0, chips=0, quarantined=planned.quarantined_by_reason
+    )
+    with c.engine.connect() as conn:
+        states = count_by_state(conn, source=scene_source.name)
+    detail = (
+        f"queued {planned.queued} scenes for the ingest workers ({planned.known} known, "
+        f"{planned.quarantined} quarantined); {states.get('queued', 0)} waiting, "
+        f"{states.get('claimed', 0)} claimed, {states.get('failed', 0)} failed{more}"
+    )
+    if planned.interrupted:
+        return JobResult("failed", f"{detail}; interrupted: {planned.interrupted}")
     return JobResult("ok", detail)
 
 
@@ -530,26 +581,36 @@ def refit(*, ctx: JobContext | None = None) -> JobResult:
 def export_onnx(*, ctx: JobContext | None = None) -> JobResult:
     """Publish the newest checkpoint as ONNX, unless it is published already.
 
-    Learning pauses meanwhile (the export holds the learner's slot).
+    The export runs in a child process (:mod:`revisit.export.child`): the
+    exporter's memory goes back to the system when it ends, and learning goes on
+    meanwhile (the child reads the committed checkpoint from disk). A child that
+    fails or is killed makes a ``failed`` run with the child's message, and
+    publishes nothing.
     """
-    from revisit.export.publish import publish_onnx
+    from revisit.export.child import ChildExportError, publish_in_child
 
     c = _context(ctx)
     with c.engine.connect() as conn:
         latest = learning.latest_model_version(conn)
     if latest is None:
         return JobResult("skipped", "no checkpoint yet: the learner has not committed one")
-    # The exporter traces the model (torch.export) with global state that a training step
-    # on another thread trips over: it runs between two learning chunks, never during one.
-    with c.learner.lock:
-        published = publish_onnx(engine=c.engine, settings=c.settings, store=c.store)
+    try:
+        published = publish_in_child(
+            engine=c.engine,
+            settings=c.settings,
+            chip_root=c.store.root,
+            log_ids={"job": EXPORT_ONNX},
+        )
+    except ChildExportError as exc:
+        return JobResult("failed", str(exc).replace("\n", " "))
     if published.reused:
         return JobResult("skipped", f"{published.version} is already published")
     c.metrics.last_export.labels(kind="onnx").set(time.time())
     return JobResult(
         "ok",
         f"published {published.version} (step {published.step}, model version "
-        f"{published.model_version_id}) to {published.paths['embedding'].parent}",
+        f"{published.model_version_id}) to {published.paths['embedding'].parent}"
+        f" in child process {published.pid}",
     )
 
 

@@ -8,8 +8,9 @@
 3. wait as a standby until this process holds the leader lock (at once when
    no other ``revisit run`` leads this database);
 4. as leader: add the bootstrap AOI to an empty database, start the scheduler
-   and its jobs, and watch the lock, the clock (``--duration``) and the
-   learner's step (``--until-step``);
+   and its jobs (and ``daemon.ingest_workers`` supervised ``revisit ingest
+   --worker`` children, if any), and watch the lock, the clock
+   (``--duration``) and the learner's step (``--until-step``);
 5. on SIGINT/SIGTERM (or the bound): stop scheduling, let the running jobs end
    (the learning chunk after its current step), checkpoint the learner,
    release the lock, close the database (the embedded cluster stops when this
@@ -38,6 +39,7 @@ from revisit.daemon.jobs import JobContext, bootstrap
 from revisit.daemon.leader import MAX_RETRY_S, LeaderLock
 from revisit.daemon.metrics import Metrics
 from revisit.daemon.scheduler import DaemonScheduler
+from revisit.daemon.supervisor import Supervisor, ingest_worker_specs
 from revisit.db import daemon as daemon_db
 from revisit.db.engine import Database
 from revisit.db.migrate import upgrade
@@ -235,9 +237,13 @@ def _lead(
     )
     bootstrap(settings, db.engine)
     scheduler = DaemonScheduler(ctx)
+    # daemon.ingest_workers > 0: the ingest jobs plan, and these children ingest.
+    workers = Supervisor(ingest_worker_specs(settings)) if settings.daemon.ingest_workers else None
     lost = False
     try:
         scheduler.start()
+        if workers is not None:
+            workers.start()
         role.scheduler, role.ctx = scheduler, ctx
         metrics.leader.set(1)
         next_check = time.monotonic() + LOCK_CHECK_S
@@ -257,9 +263,13 @@ def _lead(
             stop.wait(0.5)
     finally:
         term_stop.set()
+        if workers is not None:
+            workers.terminate()  # they finish their scenes while the jobs end
         began = time.monotonic()
         log.info("stopping the scheduler; waiting for running jobs to end")
         scheduler.shutdown()
+        if workers is not None:
+            workers.stop()
         try:
             ctx.learner.close(checkpoint=True)
         except Exception as exc:  # the last committed checkpoint stands; the next run resumes there

@@ -155,6 +155,11 @@ class ModelVersionRow:
     created_at: datetime
 
 
+def max_observation_id(conn: Connection) -> int:
+    """The largest observation id (0 on an empty table)."""
+    return int(conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM observation")).scalar_one())
+
+
 def usable_observations(
     conn: Connection,
     *,
@@ -162,6 +167,7 @@ def usable_observations(
     min_valid_fraction: float,
     max_cloud_fraction: float,
     limit: int | None = None,
+    up_to_id: int | None = None,
 ) -> ObservationTable:
     """Observations good enough to train on, as columns.
 
@@ -171,6 +177,8 @@ def usable_observations(
         min_valid_fraction: Keep observations with ``valid_fraction >=`` this.
         max_cloud_fraction: Keep observations with ``cloud_fraction <=`` this.
         limit: At most this many (the lowest ids); None for all.
+        up_to_id: Only observations with an id up to this one (what every rank of
+            a distributed learner reads alike); None for no bound.
 
     Returns:
         The observations, ordered by id.
@@ -184,9 +192,11 @@ def usable_observations(
         "SELECT id, location_id, EXTRACT(EPOCH FROM acquired_at)::double precision,"
         " chip_key, chip_sha256 FROM observation"
         " WHERE id > %(after)s AND valid_fraction >= %(valid)s AND cloud_fraction <= %(cloud)s"
+        " AND (%(upto)s::bigint IS NULL OR id <= %(upto)s::bigint)"
         " ORDER BY id LIMIT %(limit)s"
     )
     params = {
+        "upto": None if up_to_id is None else int(up_to_id),
         "after": int(after_id),
         "valid": float(min_valid_fraction),
         "cloud": float(max_cloud_fraction),

@@ -44,6 +44,8 @@ SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
 SIM_EVENT_KINDS = ("construction", "clearing", "flooding", "reservoir")
 ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
 JOB_OUTCOMES = ("ok", "skipped", "failed")
+#: States of an ingest worker's task (revisit.db.ingest_tasks).
+TASK_STATES = ("queued", "claimed", "done", "failed")
 #: Where R's denominator came from (revisit.learner.calibration.SOURCES).
 DENOMINATOR_SOURCES = ("pair", "own", "others", "date-pair")
 #: The table of the daemon's APScheduler job store (its jobs, pickled).
@@ -373,6 +375,59 @@ class IngestCursor(Base):
     )
 
 
+class IngestTask(Base):
+    """One scene for the ingest workers: planned, claimed under a lease, then done or failed."""
+
+    __tablename__ = "ingest_task"
+    __table_args__ = (
+        # One task per scene and cursor: planning twice queues nothing twice.
+        UniqueConstraint("source", "aoi_id", "product_id", postgresql_nulls_not_distinct=True),
+        CheckConstraint(_in("state", TASK_STATES), name="state_known"),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+        CheckConstraint(
+            "state <> 'claimed' OR (lease_owner IS NOT NULL AND lease_until IS NOT NULL)",
+            name="claimed_has_lease",
+        ),
+        # What a worker claims next: the oldest unfinished scene.
+        Index(
+            "ix_ingest_task_unfinished",
+            "acquired_at",
+            "product_id",
+            postgresql_where=text("state IN ('queued', 'claimed')"),
+        ),
+        Index("ix_ingest_task_source_aoi_id_acquired_at", "source", "aoi_id", "acquired_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    aoi_id: Mapped[int | None] = mapped_column(
+        ForeignKey("aoi.id", ondelete="CASCADE"), comment="the cursor's AOI; NULL: every location"
+    )
+    product_id: Mapped[str] = mapped_column(Text, nullable=False)
+    acquired_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, comment="the scene's place in cursor order"
+    )
+    scene: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, comment="the scene reference, enough to read the scene again"
+    )
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default="queued")
+    attempts: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0"), comment="claims so far"
+    )
+    lease_owner: Mapped[str | None] = mapped_column(
+        Text, comment="host:pid:nonce of the worker holding the lease"
+    )
+    lease_until: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), comment="the lease ends here (database clock) unless renewed"
+    )
+    last_error: Mapped[str | None] = mapped_column(Text, comment="why the last attempt failed")
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Quarantine(Base):
     """Input that was rejected, and why: a whole product, or one location's chip of it."""
 
@@ -474,6 +529,7 @@ TABLES = (
     "model_version",
     "artifact",
     "ingest_cursor",
+    "ingest_task",
     "quarantine",
     "sim_truth",
     "job_run",

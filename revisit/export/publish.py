@@ -86,7 +86,7 @@ from revisit.fsutil import fsync_dir, sha256_file, write_bytes_atomic
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.heads import ContrastiveModel, upgrade_model_state
-from revisit.learner.trainer import Trainer
+from revisit.memory import trim_heap
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
 if TYPE_CHECKING:
@@ -241,19 +241,29 @@ def load_model(data_dir: Path, version: learning.ModelVersionRow) -> Contrastive
         )
     try:
         settings = LearnerSettings.model_validate(payload.get("settings") or {})
-        # Exports run on the CPU, whatever device trained the model.
-        trainer = Trainer(
-            settings.model_copy(
-                update={"method": version.method, "device": "cpu", "channels_last": False}
-            )
-        )
-        trainer.model.load_state_dict(upgrade_model_state(payload["trainer"]["model"]))
+        # The model alone, on the CPU whatever device trained it: no optimiser, and none of
+        # the trainer's imports (scikit-learn), in the export's memory.
+        model = _contrastive_model(settings, method=version.method)
+        model.load_state_dict(upgrade_model_state(payload["trainer"]["model"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ExportError(
             f"checkpoint {version.checkpoint_key} of model version {version.id} does not"
             f" hold a model revisit can build: {exc}"
         ) from exc
-    return trainer.model.eval()
+    finally:
+        del payload  # the whole checkpoint: the optimiser state as well as the model
+    return model.eval()
+
+
+def _contrastive_model(settings: LearnerSettings, *, method: str) -> ContrastiveModel:
+    """The model :class:`~revisit.learner.trainer.Trainer` builds for ``method``, untrained."""
+    return ContrastiveModel(
+        n_heads=3 if method == "seco" else 1,
+        queue_size=settings.queue_size,
+        proj_dim=settings.proj_dim,
+        momentum=settings.momentum,
+        geo_classes=settings.geo_clusters if method == "geo-tp" else None,
+    )
 
 
 def publish_onnx(
@@ -454,6 +464,7 @@ def _export_and_publish(
     directory = export_dir(settings.data_dir)
     model = load_model(settings.data_dir, version_row)
     chips = _parity_chips(engine, store, settings.export.parity_chips)
+    trim_heap()  # the checkpoint just read: its pages go back before the exporter's come
     patch_size = int(chips.shape[-1])
     created_at = datetime.now(UTC)
     stamp = created_at.isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -463,13 +474,15 @@ def _export_and_publish(
         files: dict[str, str] = {}
         sha256s: dict[str, str] = {}
         diffs: dict[str, float] = {}
-        modules: list[FeatureModel | EmbeddingModel | DenseModel] = [
-            FeatureModel(model),
-            EmbeddingModel(model),
+        # Each wrapper holds a copy of an encoder: one at a time, each freed before the next.
+        wrappers: list[type[FeatureModel | EmbeddingModel | DenseModel]] = [
+            FeatureModel,
+            EmbeddingModel,
         ]
         if settings.export.dense_model:
-            modules.append(DenseModel(model))
-        for module in modules:
+            wrappers.append(DenseModel)
+        for wrapper in wrappers:
+            module = wrapper(model)
             output = module.output
             filename = f"{name}.{output}.onnx"
             metadata = model_metadata(
@@ -501,6 +514,8 @@ def _export_and_publish(
                 staging / f"{filename}.sha256", f"{sha256s[output]}  {filename}\n".encode()
             )
             files[output] = filename
+            del module
+            trim_heap()
         _move_into_place(staging, directory, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

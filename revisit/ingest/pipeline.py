@@ -10,7 +10,17 @@ For each scene a source finds, oldest first:
    to the chip store, whole, before any row names it;
 4. in **one transaction**: the scene row, the observation rows (COPY), the
    quarantine rows of its rejected chips, the simulated ground truth if any,
-   and the cursor of the source and AOI, moved to the scene's time.
+   and the cursor of the source and AOI, moved to the scene's time. The
+   transaction holds the scene's advisory lock and leaves out the chips another
+   writer committed meanwhile, so concurrent writers of one scene add each row
+   once.
+
+:meth:`IngestPipeline.run` does all of it in one process. For ingest workers
+(:mod:`revisit.ingest.workers`) the work is split: :meth:`IngestPipeline.plan`
+does the search and step 1 and queues each scene as an ``ingest_task``;
+:meth:`IngestPipeline.ingest_planned` does steps 2 to 4 for one claimed task,
+with the worker's ``finish`` (task done, cursor over the finished tasks) in the
+transaction that commits the scene, in place of the cursor move.
 
 A product that is bad as a whole is quarantined and the run goes on. A source
 that does not answer, or a chip store out of space (both
@@ -33,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from revisit.config import IngestSettings
-from revisit.db import aois, cursors, locations, quarantine, scenes, simtruth
+from revisit.db import aois, cursors, ingest_tasks, locations, quarantine, scenes, simtruth
 from revisit.errors import ChipStoreFullError, IngestError, SceneRejectedError, TransientError
 from revisit.ingest import reasons
 from revisit.ingest.chips import ChipStore, StoredChip
@@ -44,7 +54,8 @@ from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRe
 if TYPE_CHECKING:
     from datetime import date
 
-    from sqlalchemy.engine import Engine
+    from shapely.geometry.base import BaseGeometry
+    from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +98,18 @@ class IngestSummary:
         self.quarantined_by_reason[reason] = self.quarantined_by_reason.get(reason, 0) + 1
 
 
+@dataclass
+class PlanSummary(IngestSummary):
+    """What one plan did: scenes queued for the workers, and scenes they already had."""
+
+    queued: int = 0
+    known: int = 0
+
+
 #: Called after each scene with the scene and the running summary (for progress bars).
 Progress = Callable[[SceneRef | None, IngestSummary], None]
+#: Called in the transaction that ends a planned scene (ingested, skipped or quarantined).
+Finish = Callable[["Connection", SceneRef], None]
 
 
 class IngestPipeline:
@@ -143,19 +164,7 @@ class IngestPipeline:
         summary = IngestSummary()
         now = self.clock()
         with self.engine.connect() as conn:
-            aoi_id = None
-            if aoi is not None:
-                found = aois.get_aoi(conn, aoi)
-                aoi_id, area = found.id, found.geom
-            else:
-                cells = locations.coverage_cells(conn)
-                if cells is None:
-                    raise IngestError(
-                        "there are no locations to ingest for: add some with "
-                        "`revisit sample --n 100`, or `revisit aoi add` then "
-                        "`revisit sample --aoi NAME --grid`"
-                    )
-                area = cells
+            aoi_id, area = self._area(conn, aoi)
             if since is None:
                 since = cursors.get_cursor(conn, source=self.source.name, aoi_id=aoi_id)
         until = until or now
@@ -163,22 +172,14 @@ class IngestPipeline:
             "ingest starts",
             extra={"source": self.source.name, "aoi": aoi, "since": since, "until": until},
         )
-
-        def rejected(ref: str, reason: str, detail: str) -> None:
-            with self.engine.begin() as conn:
-                quarantine.quarantine(
-                    conn, source=self.source.name, ref=ref, reason=reason, detail=detail
-                )
-            summary._quarantined(reason)
-            log.warning("product quarantined: %s", detail, extra={"ref": ref, "reason": reason})
-
         seen: set[str] = set()
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="chips")
         try:
             for scene in self.source.search(
-                since=since, until=until, area=area, on_rejected=rejected
+                since=since, until=until, area=area, on_rejected=self._on_rejected(summary)
             ):
-                self._ingest_scene(scene, aoi_id=aoi_id, now=now, seen=seen, summary=summary)
+                if self._screen(scene, now=now, seen=seen, summary=summary):
+                    self._ingest_scene(scene, aoi_id=aoi_id, summary=summary)
                 if progress is not None:
                     progress(scene, summary)
         except TransientError as exc:
@@ -200,18 +201,149 @@ class IngestPipeline:
         )
         return summary
 
+    def plan(
+        self,
+        *,
+        aoi: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        max_scenes: int | None = None,
+        progress: Progress | None = None,
+    ) -> PlanSummary:
+        """Queue the scenes the source has in ``[since, until]`` for the ingest workers.
+
+        The search and the checks of whole products are those of :meth:`run`;
+        each scene that passes becomes an ``ingest_task`` of the source and AOI,
+        once (planning again queues nothing twice). The cursor does not move:
+        the workers move it as they finish scenes.
+
+        Args:
+            aoi: Only locations inside this AOI, and its own cursor.
+            since: Start here instead of after what is planned already, and queue
+                finished scenes again (a backfill: new locations get their chips).
+            until: Stop at this acquisition time; now by default.
+            max_scenes: Stop after queueing this many scenes; the next plan goes on.
+            progress: Called after each scene found.
+
+        Returns:
+            Counts of scenes queued, already known and quarantined.
+
+        Raises:
+            IngestError: There are no locations to ingest for.
+        """
+        began = time.monotonic()
+        summary = PlanSummary()
+        now = self.clock()
+        name = self.source.name
+        requeue = since is not None
+        with self.engine.connect() as conn:
+            aoi_id, area = self._area(conn, aoi)
+            if since is None:
+                # From the last scene planned (seen again, and known): not from the cursor,
+                # which waits for the workers, so that the same range is not searched twice.
+                marks = (
+                    cursors.get_cursor(conn, source=name, aoi_id=aoi_id),
+                    ingest_tasks.planned_until(conn, source=name, aoi_id=aoi_id),
+                )
+                since = max((m for m in marks if m is not None), default=None)
+        until = until or now
+        log.info("plan starts", extra={"source": name, "aoi": aoi, "since": since, "until": until})
+        seen: set[str] = set()
+        try:
+            for scene in self.source.search(
+                since=since, until=until, area=area, on_rejected=self._on_rejected(summary)
+            ):
+                if self._screen(scene, now=now, seen=seen, summary=summary):
+                    with self.engine.begin() as conn:
+                        queued = ingest_tasks.enqueue(conn, scene, aoi_id=aoi_id, requeue=requeue)
+                    summary.queued += queued
+                    summary.known += not queued
+                if progress is not None:
+                    progress(scene, summary)
+                if max_scenes is not None and summary.queued >= max_scenes:
+                    break
+        except TransientError as exc:
+            summary.interrupted = str(exc)
+            log.warning("plan interrupted; the next plan resumes here: %s", exc)
+        summary.seconds = time.monotonic() - began
+        log.info(
+            "plan done",
+            extra={
+                "source": name,
+                "queued": summary.queued,
+                "known": summary.known,
+                "quarantined": summary.quarantined,
+                "seconds": round(summary.seconds, 3),
+            },
+        )
+        return summary
+
+    def ingest_planned(
+        self, scene: SceneRef, *, aoi_id: int | None, finish: Finish
+    ) -> IngestSummary:
+        """Ingest one scene a plan queued: what :meth:`run` does for it after the search.
+
+        Args:
+            scene: The scene, as the plan found it.
+            aoi_id: Its cursor's AOI; None: every location.
+            finish: Called in the one transaction that ends the scene (its rows, its
+                skip or its quarantine), before the commit; what it raises rolls
+                that transaction back.
+
+        Returns:
+            What the scene gave: 1 scene (or 1 skipped, or quarantined items) and its chips.
+
+        Raises:
+            TransientError: The source did not answer or the chip store is full;
+                nothing of the scene was committed.
+        """
+        began = time.monotonic()
+        summary = IngestSummary()
+        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="chips")
+        try:
+            self._ingest_scene(scene, aoi_id=aoi_id, summary=summary, finish=finish)
+        finally:
+            self._writer.shutdown(wait=True)
+        summary.seconds = time.monotonic() - began
+        return summary
+
+    def _area(self, conn: Connection, aoi: str | None) -> tuple[int | None, BaseGeometry]:
+        """The AOI's id and polygon, or (None, the cells that hold locations).
+
+        Raises:
+            IngestError: There are no locations to ingest for.
+        """
+        if aoi is not None:
+            found = aois.get_aoi(conn, aoi)
+            return found.id, found.geom
+        cells = locations.coverage_cells(conn)
+        if cells is None:
+            raise IngestError(
+                "there are no locations to ingest for: add some with "
+                "`revisit sample --n 100`, or `revisit aoi add` then "
+                "`revisit sample --aoi NAME --grid`"
+            )
+        return None, cells
+
+    def _on_rejected(self, summary: IngestSummary) -> Callable[[str, str, str], None]:
+        """The search's ``on_rejected``: quarantine the product, count it."""
+
+        def rejected(ref: str, reason: str, detail: str) -> None:
+            with self.engine.begin() as conn:
+                quarantine.quarantine(
+                    conn, source=self.source.name, ref=ref, reason=reason, detail=detail
+                )
+            summary._quarantined(reason)
+            log.warning("product quarantined: %s", detail, extra={"ref": ref, "reason": reason})
+
+        return rejected
+
     # -- one scene ------------------------------------------------------------------------
 
-    def _ingest_scene(
-        self,
-        scene: SceneRef,
-        *,
-        aoi_id: int | None,
-        now: datetime,
-        seen: set[str],
-        summary: IngestSummary,
-    ) -> None:
-        name = self.source.name
+    def _screen(
+        self, scene: SceneRef, *, now: datetime, seen: set[str], summary: IngestSummary
+    ) -> bool:
+        """Whether a scene found by a search is to be ingested; quarantines it if not."""
         if scene.acquired_at > now + timedelta(seconds=self.settings.future_tolerance_s):
             self._reject_scene(
                 scene,
@@ -221,7 +353,7 @@ class IngestPipeline:
                 summary,
                 record_scene=False,
             )
-            return
+            return False
         if scene.product_id in seen:
             self._reject_scene(
                 scene,
@@ -232,13 +364,27 @@ class IngestPipeline:
                 record_scene=False,
                 ref=f"{scene.product_id}#duplicate:{dict(scene.extra).get('path', '')}",
             )
-            return
+            return False
         seen.add(scene.product_id)
+        return True
 
+    def _ingest_scene(
+        self,
+        scene: SceneRef,
+        *,
+        aoi_id: int | None,
+        summary: IngestSummary,
+        finish: Finish | None = None,
+    ) -> None:
+        """Read, store and commit one scene; ``finish`` (if any) replaces the cursor move."""
+        name = self.source.name
         with self.engine.connect() as conn:
             status = scenes.scene_status(conn, source=name, product_id=scene.product_id)
             if status == "quarantined":
                 summary.skipped += 1
+                if finish is not None:
+                    with self.engine.begin() as done:
+                        finish(done, scene)
                 return
             todo = locations.locations_to_read(
                 conn,
@@ -250,7 +396,7 @@ class IngestPipeline:
         if status is not None and not todo:
             summary.skipped += 1
             with self.engine.begin() as conn:
-                cursors.advance_cursor(conn, source=name, aoi_id=aoi_id, to=scene.acquired_at)
+                self._finish(conn, scene, aoi_id=aoi_id, finish=finish)
             return
 
         size = self.settings.chip_size
@@ -265,7 +411,7 @@ class IngestPipeline:
         # source produces the next chips; all are on disk before any row commits.
         writes: deque[tuple[Chip, Future[StoredChip]]] = deque()
 
-        def finish(pending: tuple[Chip, Future[StoredChip]]) -> None:
+        def collect(pending: tuple[Chip, Future[StoredChip]]) -> None:
             chip, future = pending
             stored = future.result()
             rows.append(
@@ -292,12 +438,14 @@ class IngestPipeline:
                     continue
                 writes.append((item, self._writer.submit(self.store.put, item.data)))
                 while len(writes) > MAX_PENDING_WRITES:
-                    finish(writes.popleft())
+                    collect(writes.popleft())
             while writes:
-                finish(writes.popleft())
+                collect(writes.popleft())
         except SceneRejectedError as exc:
             _drain(writes)
-            self._reject_scene(scene, exc.reason, exc.detail, summary, record_scene=True)
+            self._reject_scene(
+                scene, exc.reason, exc.detail, summary, record_scene=True, finish=finish
+            )
             return
         except BaseException:
             _drain(writes)
@@ -311,6 +459,13 @@ class IngestPipeline:
             ]
 
         with self.engine.begin() as conn:
+            # Another writer of this scene (an ingest worker with another cursor's task) may
+            # have committed some of these chips since `todo` was read: leave those out.
+            ingest_tasks.lock_scene(conn, source=name, product_id=scene.product_id)
+            written = ingest_tasks.locations_done(conn, source=name, product_id=scene.product_id)
+            if written:
+                rows = [r for r in rows if r.location_id not in written]
+                rejections = [r for r in rejections if r.location_id not in written]
             scene_id = scenes.upsert_scene(conn, scene)
             scenes.copy_observations(conn, scene_id, rows)
             for rejection in rejections:
@@ -323,7 +478,7 @@ class IngestPipeline:
                     detail=rejection.detail,
                 )
             simtruth.store_truth(conn, truth)
-            cursors.advance_cursor(conn, source=name, aoi_id=aoi_id, to=scene.acquired_at)
+            self._finish(conn, scene, aoi_id=aoi_id, finish=finish)
         summary.scenes += 1
         summary.chips += len(rows)
         for rejection in rejections:
@@ -337,6 +492,17 @@ class IngestPipeline:
                 "rejected": len(rejections),
             },
         )
+
+    def _finish(
+        self, conn: Connection, scene: SceneRef, *, aoi_id: int | None, finish: Finish | None
+    ) -> None:
+        """End a scene in its transaction: the worker's ``finish``, or the cursor moves to it."""
+        if finish is not None:
+            finish(conn, scene)
+        else:
+            cursors.advance_cursor(
+                conn, source=self.source.name, aoi_id=aoi_id, to=scene.acquired_at
+            )
 
     def _check_space(self, scene: SceneRef, chips: int, size: int) -> None:
         """Stop before a scene whose chips would leave less than ``ingest.min_free_mb`` free.
@@ -393,8 +559,13 @@ class IngestPipeline:
         *,
         record_scene: bool,
         ref: str | None = None,
+        finish: Finish | None = None,
     ) -> None:
-        """Quarantine a whole product; with ``record_scene`` its scene row says so too."""
+        """Quarantine a whole product; with ``record_scene`` its scene row says so too.
+
+        The cursor does not move (the next run sees the scene again, and skips
+        it); a worker's ``finish`` runs in the same transaction.
+        """
         with self.engine.begin() as conn:
             if record_scene:
                 scenes.upsert_scene(conn, scene, status="quarantined", error=f"{reason}: {detail}")
@@ -406,6 +577,8 @@ class IngestPipeline:
                 detail=detail,
                 payload={"acquired_at": scene.acquired_at.isoformat(), **dict(scene.extra)},
             )
+            if finish is not None:
+                finish(conn, scene)
         summary._quarantined(reason)
         log.warning(
             "scene quarantined: %s", detail, extra={"scene": scene.product_id, "reason": reason}

@@ -13,6 +13,7 @@ FUTURE_DATE = "future-date"  # acquired after now
 MISSING_METADATA = "missing-metadata"  # a SAFE without its MTD_MSI*.xml, a product without a date
 BAD_REPLY = "bad-reply"  # a server reply that is not what it claims (JSON, TIFF, shape)
 UNREADABLE = "unreadable"  # anything else a reader could not make sense of
+INGEST_FAILED = "ingest-failed"  # ingest.max_attempts tries of an ingest worker failed
 
 REASONS: frozenset[str] = frozenset(
     {
@@ -27,5 +28,6 @@ REASONS: frozenset[str] = frozenset(
         MISSING_METADATA,
         BAD_REPLY,
         UNREADABLE,
+        INGEST_FAILED,
     }
 )

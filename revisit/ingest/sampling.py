@@ -1,7 +1,8 @@
 """Where the learner looks: locations drawn around cities, and grids inside areas of interest.
 
 Pure: numbers and geometries in, lon/lat points out, no I/O beyond the packaged
-tables (GeoNames cities, the GLOBE land mask) that are read once and cached.
+tables: the GeoNames cities, read once and cached, and the GLOBE land mask,
+read by each sampling run (as bits, 117 MB) and released when it returns.
 
 CACo's sampling (Mall et al., CVPR 2023, after SeCo): draw a city with
 probability proportional to its population, offset it by an isotropic Gaussian
@@ -11,11 +12,15 @@ chip width to a location already taken.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
@@ -75,13 +80,105 @@ def _cities(min_population: int) -> _Cities:
     return _Cities(lon=data[:, 0].copy(), lat=data[:, 1].copy(), cumulative_weight=cumulative)
 
 
-def _is_land(lon: FloatArray, lat: FloatArray) -> npt.NDArray[np.bool_]:
-    """Whether points lie on land, by the GLOBE 1 km land mask."""
-    # Imported late: the mask unpacks to ~0.9 GB and takes seconds to load, which
-    # only sampling should pay for.
-    from global_land_mask import globe
+_LAND_MASK_PACKAGE = "global_land_mask"
+_LAND_MASK_FILE = "globe_combined_mask_compressed.npz"
+_LAND_MASK_ROWS_PER_READ = 512
 
-    return np.asarray(globe.is_land(lat, lon), dtype=np.bool_)
+
+@dataclass(frozen=True)
+class LandMask:
+    """The GLOBE 1 km land mask that ``global_land_mask`` packages, one bit per cell.
+
+    Importing ``global_land_mask`` unpacks its mask into a (21600, 43200) array
+    of bools, 0.9 GB held until the process ends. :meth:`load` reads the same
+    file a block of rows at a time into bits instead (117 MB), and the mask
+    lives only as long as whoever holds it: one sampling run.
+
+    Attributes:
+        ocean_bits: ``np.packbits`` of the mask (True: ocean) along its rows.
+        lat: The latitude of each row, degrees (north to south).
+        lon: The longitude of each column, degrees (west to east).
+    """
+
+    ocean_bits: npt.NDArray[np.uint8]
+    lat: FloatArray
+    lon: FloatArray
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> LandMask:
+        """Read the mask from ``global_land_mask``'s file (without importing the package).
+
+        Args:
+            path: Another ``.npz`` with ``mask``, ``lat`` and ``lon`` arrays in the same
+                layout; the packaged one by default.
+
+        Raises:
+            ValueError: The file does not hold a 2-d boolean mask and its axes.
+        """
+        path = path or _packaged_land_mask()
+        with zipfile.ZipFile(path) as archive:
+            lat = _read_npy(archive, "lat.npy").astype(np.float64)
+            lon = _read_npy(archive, "lon.npy").astype(np.float64)
+            with archive.open("mask.npy") as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+                if len(shape) != 2 or fortran or dtype != np.bool_ or shape != (lat.size, lon.size):
+                    raise ValueError(
+                        f"{path}: mask.npy is not a C-ordered boolean (lat, lon) grid of"
+                        f" ({lat.size}, {lon.size}): {dtype} {shape}"
+                    )
+                rows, cols = shape
+                bits = np.empty((rows, (cols + 7) // 8), dtype=np.uint8)
+                for top in range(0, rows, _LAND_MASK_ROWS_PER_READ):
+                    n = min(_LAND_MASK_ROWS_PER_READ, rows - top)
+                    block = np.frombuffer(_read_exactly(stream, n * cols, path), dtype=np.uint8)
+                    bits[top : top + n] = np.packbits(block.reshape(n, cols) != 0, axis=1)
+        return cls(ocean_bits=bits, lat=lat, lon=lon)
+
+    def _index(self, values: FloatArray, axis: FloatArray) -> npt.NDArray[np.intp]:
+        # The arithmetic of global_land_mask.globe.lat_to_index and lon_to_index, to the bit.
+        clipped = np.clip(np.asarray(values, dtype=np.float64), axis.min(), axis.max())
+        index: npt.NDArray[np.intp] = ((clipped - axis[0]) / (axis[1] - axis[0])).astype(np.intp)
+        return index
+
+    def is_land(self, lon: FloatArray, lat: FloatArray) -> npt.NDArray[np.bool_]:
+        """Whether points lie on land (most lakes count as land), as ``globe.is_land``.
+
+        Args:
+            lon: Longitudes, degrees in [-180, 180].
+            lat: Latitudes, degrees in [-90, 90], of the same shape.
+
+        Returns:
+            True where the point's cell is land.
+        """
+        rows = self._index(lat, self.lat)
+        cols = self._index(lon, self.lon)
+        ocean = (self.ocean_bits[rows, cols >> 3] >> (7 - (cols & 7)).astype(np.uint8)) & 1
+        return np.asarray(ocean == 0, dtype=np.bool_)
+
+
+def _packaged_land_mask() -> Path:
+    # find_spec locates the package without running its __init__ (which loads the mask).
+    spec = importlib.util.find_spec(_LAND_MASK_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the {_LAND_MASK_PACKAGE} package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / _LAND_MASK_FILE
+
+
+def _read_npy(archive: zipfile.ZipFile, name: str) -> npt.NDArray[np.generic]:
+    with archive.open(name) as stream:
+        array: npt.NDArray[np.generic] = np.lib.format.read_array(stream, allow_pickle=False)
+    return array
+
+
+def _read_exactly(stream: IO[bytes], size: int, path: Path) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ValueError(f"{path}: mask.npy ends early")
+    return data
 
 
 def _unit_vectors(lon: FloatArray, lat: FloatArray) -> FloatArray:
@@ -216,6 +313,7 @@ def sample_locations(
         return []
 
     cities = _cities(min_population)
+    land = LandMask.load()  # for this run only: released when it returns
     rng = np.random.default_rng(seed)
     index = _SpacingIndex(min_spacing_m) if min_spacing_m > 0 else None
     if index is not None and existing:
@@ -236,10 +334,9 @@ def sample_locations(
         lon, lat = _offset(cities.lon[which], cities.lat[which], offsets[:, 0], offsets[:, 1])
         # Only the first max_tries candidates count, whatever the batch size.
         usable = min(_BATCH, max_tries - tries)
-        on_land = _is_land(lon[:usable], lat[:usable])
-        land = np.flatnonzero(on_land)
-        vectors = _unit_vectors(lon[land], lat[land]).tolist()
-        for k, i in enumerate(land.tolist()):
+        on_land = np.flatnonzero(land.is_land(lon[:usable], lat[:usable]))
+        vectors = _unit_vectors(lon[on_land], lat[on_land]).tolist()
+        for k, i in enumerate(on_land.tolist()):
             if index is not None:
                 p = (vectors[k][0], vectors[k][1], vectors[k][2])
                 if not index.is_clear(p):

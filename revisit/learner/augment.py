@@ -11,6 +11,13 @@ Random numbers are drawn on the generator's device and then moved to the data's,
 so a CPU generator can drive augmentations of a batch on an accelerator. For a
 given generator state, batch shape and configuration, the result is always the same.
 
+A batch can be some rows of a larger *virtual* batch (:class:`Rows`): parameters
+are drawn for the whole virtual batch and the batch's rows take theirs. That is
+how the ranks of a distributed learner, each holding a share of one global
+batch, augment their rows exactly as one process augments the global batch
+(``revisit.learner.distributed``); the draws cost little next to the image work,
+which is only done for the rows held.
+
 :class:`Augment` composes them in MoCo v2's order: random resized crop, flips and
 90-degree rotations, a colour step (a global gain, or per-band jitter), Gaussian
 blur, sensor noise. :func:`policy_augment` builds the learner's named policies
@@ -39,6 +46,7 @@ from torch.nn import functional as F
 __all__ = [
     "AUGMENT_POLICIES",
     "Augment",
+    "Rows",
     "band_jitter",
     "flip_rotate",
     "gaussian_blur",
@@ -59,11 +67,66 @@ def _check_batch(x: Tensor) -> None:
         raise ValueError(f"expected floating-point reflectance, got dtype {x.dtype}")
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of a larger virtual batch a batch holds.
+
+    Attributes:
+        index: (N,) positions of the batch's rows in the virtual batch, distinct.
+        total: Rows of the virtual batch.
+    """
+
+    index: Tensor
+    total: int
+
+    def __post_init__(self) -> None:
+        if self.index.ndim != 1 or self.index.dtype != torch.long:
+            raise ValueError(f"Rows.index must be (N,) int64, got {tuple(self.index.shape)}")
+        if self.index.numel() and not (
+            int(self.index.min()) >= 0 and int(self.index.max()) < self.total
+        ):
+            raise ValueError(f"Rows.index must lie in [0, {self.total}), got {self.index.tolist()}")
+
+    @classmethod
+    def all(cls, n: int) -> Rows:
+        """All rows of a batch of ``n``: the batch is the virtual batch."""
+        return cls(torch.arange(n), n)
+
+    def subset(self, mask: Tensor) -> Rows:
+        """The rows of ``mask`` (a (N,) bool over this batch's rows), in the same virtual batch."""
+        return Rows(self.index[mask.to(self.index.device)], self.total)
+
+
+def _rows(rows: Rows | None, n: int) -> Rows:
+    if rows is None:
+        return Rows.all(n)
+    if rows.index.numel() != n:
+        raise ValueError(f"rows holds {rows.index.numel()} positions for a batch of {n}")
+    return rows
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, rows: Rows | None) -> Tensor:
+    """``torch.rand(shape)`` of a batch's rows: drawn for the virtual batch, then picked."""
+    if rows is None:
+        return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    full = torch.rand(
+        (rows.total, *shape[1:]), generator=generator, device=generator.device, dtype=torch.float32
+    )
+    if rows.total == shape[0] and torch.equal(rows.index, torch.arange(rows.total)):
+        return full
+    return full.index_select(0, rows.index.to(full.device))
+
+
 def _uniform(
-    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator, like: Tensor
+    shape: tuple[int, ...],
+    low: float,
+    high: float,
+    generator: torch.Generator,
+    like: Tensor,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Uniform samples in [low, high), drawn on the generator's device, on ``like``'s."""
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    u = _rand(shape, generator, rows)
     return (low + (high - low) * u).to(device=like.device, dtype=like.dtype)
 
 
@@ -84,6 +147,7 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Crop a random box of each image and resize it (bilinear) to ``size``.
 
@@ -101,6 +165,7 @@ def random_resized_crop(
         scale: Range of the box's share of the image area; (0.2, 1.0) by default.
         ratio: Range of the box's width / height; (3/4, 4/3) by default.
         attempts: Draws per image before falling back to the whole image; 10.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, *size), float.
@@ -120,9 +185,10 @@ def random_resized_crop(
         raise ValueError(f"attempts must be positive, got {attempts}")
     n, c, h, w = x.shape
     out_h, out_w = _pair(size) if size is not None else (h, w)
+    rows = _rows(rows, n)
 
-    area = _uniform((n, attempts), scale[0], scale[1], generator, x)
-    log_ratio = _uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator, x)
+    area = _uniform((n, attempts), scale[0], scale[1], generator, x, rows)
+    log_ratio = _uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator, x, rows)
     aspect = torch.exp(log_ratio)
     # Box width and height as shares of the image's width and height.
     box_w = torch.sqrt(area * aspect * (h / w))
@@ -134,9 +200,11 @@ def random_resized_crop(
     ones = torch.ones(n, device=x.device, dtype=x.dtype)
     box_w = torch.where(any_fits, box_w.gather(1, first).squeeze(1), ones)
     box_h = torch.where(any_fits, box_h.gather(1, first).squeeze(1), ones)
-    left = _uniform((n,), 0.0, 1.0, generator, x) * (1.0 - box_w)
-    top = _uniform((n,), 0.0, 1.0, generator, x) * (1.0 - box_h)
+    left = _uniform((n,), 0.0, 1.0, generator, x, rows) * (1.0 - box_w)
+    top = _uniform((n,), 0.0, 1.0, generator, x, rows) * (1.0 - box_h)
 
+    if n == 0:  # an empty batch (its draws are made all the same)
+        return x.new_zeros((0, c, out_h, out_w))
     # Map the output's normalised coordinates [-1, 1] onto the box.
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = box_w
@@ -154,6 +222,7 @@ def flip_rotate(
     hflip_p: float = 0.5,
     vflip_p: float = 0.5,
     rotate: bool = True,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Flip each image horizontally and vertically at random, then rotate it by k x 90°.
 
@@ -166,6 +235,7 @@ def flip_rotate(
         hflip_p: Probability of a left-right flip; 0.5 by default.
         vflip_p: Probability of an up-down flip; 0.5 by default.
         rotate: Rotate by k x 90° with k uniform in {0, 1, 2, 3}; True by default.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, H, W), the same dtype.
@@ -181,8 +251,10 @@ def flip_rotate(
     if rotate and h != w:
         raise ValueError(f"90-degree rotations need square images, got {h}x{w}")
 
+    picked = _rows(rows, n)
+
     def draw() -> Tensor:
-        u = torch.rand(n, generator=generator, device=generator.device)
+        u = _rand((n,), generator, picked)
         return u.to(x.device).view(n, 1, 1, 1)
 
     hflip = draw() < hflip_p
@@ -193,15 +265,15 @@ def flip_rotate(
     code = (hflip.long() + 2 * vflip.long() + 4 * k.long()).view(n)
     out = torch.empty_like(x)
     for symmetry in torch.unique(code).tolist():
-        rows = torch.nonzero(code == symmetry).view(-1)
-        group = x.index_select(0, rows)
+        members = torch.nonzero(code == symmetry).view(-1)
+        group = x.index_select(0, members)
         if symmetry & 1:
             group = group.flip(-1)
         if symmetry & 2:
             group = group.flip(-2)
         if symmetry >> 2:
             group = torch.rot90(group, symmetry >> 2, dims=(-2, -1))
-        out.index_copy_(0, rows, group)
+        out.index_copy_(0, members, group)
     x = out
     return x
 
@@ -213,6 +285,7 @@ def band_jitter(
     brightness: float = 0.1,
     contrast: float = 0.1,
     p: float = 0.8,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Jitter each band's brightness and contrast independently, per image.
 
@@ -231,6 +304,7 @@ def band_jitter(
         brightness: Largest relative shift of a band's mean; 0.1 by default.
         contrast: Largest relative change of a band's contrast; 0.1 by default.
         p: Probability that an image is jittered at all; 0.8 (MoCo v2) by default.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, H, W), the same dtype.
@@ -247,15 +321,21 @@ def band_jitter(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     n, c, _, _ = x.shape
-    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
-    factor = 1.0 + apply * _uniform((n, c, 1, 1), -contrast, contrast, generator, x)
-    shift = apply * _uniform((n, c, 1, 1), -brightness, brightness, generator, x)
+    rows = _rows(rows, n)
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x, rows) < p).to(x.dtype)
+    factor = 1.0 + apply * _uniform((n, c, 1, 1), -contrast, contrast, generator, x, rows)
+    shift = apply * _uniform((n, c, 1, 1), -brightness, brightness, generator, x, rows)
     mean = x.mean(dim=(-2, -1), keepdim=True)
     return mean + factor * (x - mean) + shift * mean
 
 
 def global_gain(
-    x: Tensor, *, generator: torch.Generator, gain: float = 0.05, p: float = 0.8
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    gain: float = 0.05,
+    p: float = 0.8,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Scale every band of an image by one random factor, as a change of illumination does.
 
@@ -268,6 +348,7 @@ def global_gain(
         generator: Source of randomness.
         gain: Largest relative change; 0.05 by default.
         p: Probability that an image is scaled; 0.8 by default.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, H, W), the same dtype.
@@ -281,25 +362,35 @@ def global_gain(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     n = x.shape[0]
-    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
-    factor = 1.0 + apply * _uniform((n, 1, 1, 1), -gain, gain, generator, x)
+    rows = _rows(rows, n)
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x, rows) < p).to(x.dtype)
+    factor = 1.0 + apply * _uniform((n, 1, 1, 1), -gain, gain, generator, x, rows)
     return x * factor
 
 
 def gaussian_noise(
-    x: Tensor, *, generator: torch.Generator, sigma: float = 0.003, p: float = 0.5
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma: float = 0.003,
+    p: float = 0.5,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Add white Gaussian noise to an image, with probability ``p``, as sensor noise.
 
     The noise's standard deviation is drawn per image uniformly in [0, ``sigma``],
     in reflectance units (Sentinel-2's radiometric noise is of the order of 0.001
-    to 0.003 in reflectance); each pixel of each band gets its own draw.
+    to 0.003 in reflectance); each pixel of each band gets its own draw. The
+    noise of an image comes from a generator of its own, seeded from
+    ``generator``, so a row of a virtual batch gets its noise without the whole
+    virtual batch's pixels being drawn.
 
     Args:
         x: (N, C, H, W) float reflectance.
         generator: Source of randomness.
         sigma: Largest noise standard deviation; 0.003 by default.
         p: Probability that an image gets noise; 0.5 by default.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, H, W), the same dtype.
@@ -313,9 +404,20 @@ def gaussian_noise(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     n = x.shape[0]
-    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x) < p).to(x.dtype)
-    scale = apply * _uniform((n, 1, 1, 1), 0.0, sigma, generator, x)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    rows = _rows(rows, n)
+    apply = (_uniform((n, 1, 1, 1), 0.0, 1.0, generator, x, rows) < p).to(x.dtype)
+    scale = apply * _uniform((n, 1, 1, 1), 0.0, sigma, generator, x, rows)
+    seeds = (_rand((n,), generator, rows).double() * 2.0**53).long().tolist()
+    noisy = torch.nonzero(apply.view(n)).view(-1).tolist()
+    if not noisy:
+        return x
+    image = torch.Generator(device=generator.device)
+    noise = torch.zeros(x.shape, device=generator.device, dtype=torch.float32)
+    for i in noisy:
+        image.manual_seed(seeds[i])
+        noise[i] = torch.randn(
+            x.shape[1:], generator=image, device=generator.device, dtype=torch.float32
+        )
     return x + scale * noise.to(device=x.device, dtype=x.dtype)
 
 
@@ -325,6 +427,7 @@ def gaussian_blur(
     generator: torch.Generator,
     sigma: tuple[float, float] = (0.1, 2.0),
     p: float = 0.5,
+    rows: Rows | None = None,
 ) -> Tensor:
     """Blur each image, with probability ``p``, by a Gaussian of random sigma (pixels).
 
@@ -339,6 +442,7 @@ def gaussian_blur(
         sigma: Range of the standard deviation, in pixels; (0.1, 2.0) (MoCo v2) by
             default.
         p: Probability that an image is blurred; 0.5 by default.
+        rows: The batch's rows in a virtual batch (see :class:`Rows`); None: its own.
 
     Returns:
         (N, C, H, W), the same dtype.
@@ -353,26 +457,27 @@ def gaussian_blur(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     n, c, h, w = x.shape
-    apply = _uniform((n, 1), 0.0, 1.0, generator, x) < p
-    sigmas = _uniform((n, 1), sigma[0], sigma[1], generator, x)
+    picked = _rows(rows, n)
+    apply = _uniform((n, 1), 0.0, 1.0, generator, x, picked) < p
+    sigmas = _uniform((n, 1), sigma[0], sigma[1], generator, x, picked)
     radius = min(math.ceil(3.0 * sigma[1]), h - 1, w - 1)
     if radius < 1:
         return x
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets / sigmas) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    rows = torch.nonzero(apply.view(n)).view(-1)
-    if rows.numel() == 0:
+    blurred = torch.nonzero(apply.view(n)).view(-1)
+    if blurred.numel() == 0:
         return x
     # Only the images drawn for a blur are convolved; the others come back as they are.
-    m = rows.numel()
+    m = blurred.numel()
     # One group per (image, band): the same kernel for every band of an image.
-    weight = kernel[rows].repeat_interleave(c, dim=0).view(m * c, 1, 1, 2 * radius + 1)
-    flat = x.index_select(0, rows).reshape(1, m * c, h, w)
+    weight = kernel[blurred].repeat_interleave(c, dim=0).view(m * c, 1, 1, 2 * radius + 1)
+    flat = x.index_select(0, blurred).reshape(1, m * c, h, w)
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight, groups=m * c)
     weight_v = weight.view(m * c, 1, 2 * radius + 1, 1)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight_v, groups=m * c)
-    return x.index_copy(0, rows, flat.view(m, c, h, w))
+    return x.index_copy(0, blurred, flat.view(m, c, h, w))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -451,12 +556,14 @@ class Augment:
         if self.noise_sigma < 0.0:
             raise ValueError(f"noise_sigma must be non-negative, got {self.noise_sigma}")
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator, rows: Rows | None = None) -> Tensor:
         """Augment a batch.
 
         Args:
             x: (N, C, H, W) float reflectance.
             generator: Source of randomness; the same state gives the same output.
+            rows: The batch's rows in a larger virtual batch: each row gets what it
+                would get there (see :class:`Rows`); None: the batch is its own.
 
         Returns:
             (N, C, *size) float32.
@@ -467,16 +574,27 @@ class Augment:
         """
         _check_batch(x)
         x = x.to(torch.float32)
+        rows = _rows(rows, x.shape[0])
         if self.crop:
             x = random_resized_crop(
-                x, generator=generator, size=self.size, scale=self.crop_scale, ratio=self.crop_ratio
+                x,
+                generator=generator,
+                size=self.size,
+                scale=self.crop_scale,
+                ratio=self.crop_ratio,
+                rows=rows,
             )
         elif self.size is not None and _pair(self.size) != tuple(x.shape[-2:]):
             x = F.interpolate(
                 x, size=_pair(self.size), mode="bilinear", align_corners=False, antialias=True
             )
         x = flip_rotate(
-            x, generator=generator, hflip_p=self.hflip_p, vflip_p=self.vflip_p, rotate=self.rotate
+            x,
+            generator=generator,
+            hflip_p=self.hflip_p,
+            vflip_p=self.vflip_p,
+            rotate=self.rotate,
+            rows=rows,
         )
         if self.jitter_p > 0.0:
             x = band_jitter(
@@ -485,13 +603,18 @@ class Augment:
                 brightness=self.brightness,
                 contrast=self.contrast,
                 p=self.jitter_p,
+                rows=rows,
             )
         if self.gain_p > 0.0:
-            x = global_gain(x, generator=generator, gain=self.gain, p=self.gain_p)
+            x = global_gain(x, generator=generator, gain=self.gain, p=self.gain_p, rows=rows)
         if self.blur_p > 0.0:
-            x = gaussian_blur(x, generator=generator, sigma=self.blur_sigma, p=self.blur_p)
+            x = gaussian_blur(
+                x, generator=generator, sigma=self.blur_sigma, p=self.blur_p, rows=rows
+            )
         if self.noise_p > 0.0:
-            x = gaussian_noise(x, generator=generator, sigma=self.noise_sigma, p=self.noise_p)
+            x = gaussian_noise(
+                x, generator=generator, sigma=self.noise_sigma, p=self.noise_p, rows=rows
+            )
         return x
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from revisit.db.learning import ObservationTable
 from revisit.errors import ChipStoreError, LearnerError
 from revisit.ingest.chips import ChipStore
-from revisit.learner.augment import Augment
+from revisit.learner.augment import Augment, Rows
 from revisit.learner.encoder import scale_dn
 from revisit.learner.mining import MiningPolicy, ObservationIndex, TupleBatch
 
@@ -71,17 +71,28 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class RawBatch:
-    """A batch's chips as read, before any tensor work: (B, C, H, W) uint16 DN each."""
+    """A batch's chips as read, before any tensor work: (B, C, H, W) uint16 DN each.
+
+    Attributes:
+        rows: Position of each row in the step's global batch (the batch mined for
+            every rank), and its size; None: the batch is the global batch.
+    """
 
     step: int
     tuples: TupleBatch
     query: np.ndarray
     positive: np.ndarray
     longterm: np.ndarray
+    rows: Rows | None = None
 
 
 def step_seeds(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The numpy and torch generators of one step, functions of (seed, step) only."""
+    """The numpy and torch generators of one step, functions of (seed, step) only.
+
+    Every rank of a distributed learner has the same: each mines the one global
+    batch with the numpy generator and augments its share of it with the torch
+    generator as rows of the global batch (:class:`~revisit.learner.augment.Rows`).
+    """
     sequence = np.random.SeedSequence([seed, step])
     rng = np.random.default_rng(sequence)
     gen = torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
@@ -145,6 +156,38 @@ def _read(
     return out
 
 
+def rank_rows(tuples: TupleBatch, *, rank: int, world_size: int) -> tuple[TupleBatch, int]:
+    """This rank's contiguous share of a global batch (shares differ by at most one row).
+
+    Returns:
+        The share, and the position of its first row in the global batch.
+
+    Raises:
+        LearnerError: A rank would get fewer than 2 rows (contrastive learning
+            needs in-batch negatives): fewer than ``2 x world_size`` locations.
+    """
+    if world_size == 1:
+        return tuples, 0
+    bounds = np.linspace(0, len(tuples), world_size + 1).astype(np.int64)
+    lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+    if hi - lo < 2:
+        raise LearnerError(
+            f"a global batch of {len(tuples)} locations gives rank {rank} of {world_size} "
+            f"{hi - lo} rows; {world_size} processes need observations of at least "
+            f"{2 * world_size} locations (ingest more, or run fewer processes)"
+        )
+    rows = slice(lo, hi)
+    share = TupleBatch(
+        location_id=tuples.location_id[rows],
+        query_id=tuples.query_id[rows],
+        positive_id=tuples.positive_id[rows],
+        longterm_id=tuples.longterm_id[rows],
+        query_time=tuples.query_time[rows],
+        longterm_time=tuples.longterm_time[rows],
+    )
+    return share, lo
+
+
 def read_batch(
     *,
     step: int,
@@ -152,11 +195,22 @@ def read_batch(
     index: ObservationIndex,
     store: ChipStore,
     cache: ChipCache | None = None,
+    offset: int = 0,
+    total: int | None = None,
 ) -> RawBatch:
     """Read a batch's chips (each checked against its hash).
 
     Rows whose q fails to read are dropped; a k+ or k_lt that fails to read is
     treated as absent (second view of q; no change update).
+
+    Args:
+        step: The step.
+        tuples: The batch's tuples (this rank's share of the global batch).
+        index: The observations, for chip keys and hashes.
+        store: The chip store.
+        cache: Chips already read.
+        offset: Position of the batch's first row in the step's global batch.
+        total: Rows of the global batch; None: the batch is the global batch.
 
     Raises:
         LearnerError: Fewer than two rows are left, or the chips differ in shape.
@@ -206,6 +260,10 @@ def read_batch(
         query=stack(kept.query_id),
         positive=stack(kept.positive_id),
         longterm=stack(kept.longterm_id),
+        rows=Rows(
+            torch.as_tensor(rows + offset, dtype=torch.long),
+            len(tuples) if total is None else total,
+        ),
     )
 
 
@@ -228,22 +286,26 @@ def assemble_batch(
     x_longterm = tensor(raw.longterm)
     longterm_valid = torch.from_numpy(kept.longterm_id >= 0)
     fallback = torch.from_numpy(kept.positive_id < 0)
-    if bool(fallback.any()):
-        # At the chip's own size, like the real k+ it stands in for (the key side
-        # resizes every key image to the training crop size alike).
-        chip_size = (int(x_query.shape[-2]), int(x_query.shape[-1]))
-        x_positive[fallback] = replace(augment, size=chip_size)(x_query[fallback], generator)
+    rows = raw.rows if raw.rows is not None else Rows.all(len(kept))
+    # At the chip's own size, like the real k+ it stands in for (the key side resizes
+    # every key image to the training crop size alike). Drawn as rows of the global
+    # batch, and drawn even when no row here needs one: the generator's state after
+    # this must not depend on which rows (of any rank) do.
+    chip_size = (int(x_query.shape[-2]), int(x_query.shape[-1]))
+    x_positive[fallback] = replace(augment, size=chip_size)(
+        x_query[fallback], generator, rows.subset(fallback)
+    )
 
     query_state = generator.get_state()
-    query_view = augment(x_query, generator)
+    query_view = augment(x_query, generator, rows)
     seco_views = None
     if method == "seco":
         x_t2 = torch.where(longterm_valid[:, None, None, None], x_longterm, x_positive)
         same = torch.Generator().set_state(query_state)
         seco_views = (
-            augment(x_positive, generator),
-            augment(x_t2, same),
-            augment(x_query, generator),
+            augment(x_positive, generator, rows),
+            augment(x_t2, same, rows),
+            augment(x_query, generator, rows),
         )
     cluster_id = None
     if clusters is not None:
@@ -302,6 +364,10 @@ class BatchLoader:
         prefetch: Batches prepared ahead.
         clusters: Location id → geo cluster, for ``geo-tp``.
         cache_bytes: Memory for chips already read (see :class:`ChipCache`).
+        rank: This process's rank among ``world_size`` learner processes: each
+            mines the global batch of ``batch_size x world_size`` locations and
+            reads its own share (:func:`rank_rows`).
+        world_size: Learner processes.
     """
 
     def __init__(
@@ -319,8 +385,12 @@ class BatchLoader:
         prefetch: int = 3,
         clusters: Mapping[int, int] | None = None,
         cache_bytes: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self._fetch = fetch
+        self._rank = rank
+        self._world_size = world_size
         self.cache = ChipCache(cache_bytes)
         self._store = store
         self._augment = augment
@@ -353,9 +423,18 @@ class BatchLoader:
                     self._since_refresh = 0
                 step = self._next_step
                 rng, _ = step_seeds(self._seed, step)
-                tuples = self.index.sample(rng, batch_size=self._batch_size, policy=self._policy)
+                mined = self.index.sample(
+                    rng, batch_size=self._batch_size * self._world_size, policy=self._policy
+                )
+                tuples, offset = rank_rows(mined, rank=self._rank, world_size=self._world_size)
                 batch = read_batch(
-                    step=step, tuples=tuples, index=self.index, store=self._store, cache=self.cache
+                    step=step,
+                    tuples=tuples,
+                    index=self.index,
+                    store=self._store,
+                    cache=self.cache,
+                    offset=offset,
+                    total=len(mined),
                 )
                 self._next_step += 1
                 self._since_refresh += 1

@@ -43,12 +43,13 @@ from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.calibration import ShortTermReference, pair_key
 from revisit.learner.change import DEFAULT_EPS, ChangeMixture, fit_change_mixture
+from revisit.learner.distributed import Distributed, state_digest
 from revisit.learner.encoder import band_statistics
 from revisit.learner.estimates import ChangeState
 from revisit.learner.geo import assign_geo_clusters, fit_geo_clusters
 from revisit.learner.heads import upgrade_model_state
 from revisit.learner.loader import BatchLoader
-from revisit.learner.mining import MiningPolicy
+from revisit.learner.mining import MiningPolicy, TupleBatch
 from revisit.learner.trainer import Trainer, learner_augment
 
 if TYPE_CHECKING:
@@ -120,6 +121,18 @@ def _mixture_from_dict(raw: Any) -> ChangeMixture | None:
     )
 
 
+def _concat_tuples(parts: list[TupleBatch]) -> TupleBatch:
+    """The rows of several ranks' tuple batches, in order."""
+    return TupleBatch(
+        location_id=np.concatenate([p.location_id for p in parts]),
+        query_id=np.concatenate([p.query_id for p in parts]),
+        positive_id=np.concatenate([p.positive_id for p in parts]),
+        longterm_id=np.concatenate([p.longterm_id for p in parts]),
+        query_time=np.concatenate([p.query_time for p in parts]),
+        longterm_time=np.concatenate([p.longterm_time for p in parts]),
+    )
+
+
 class OnlineLearner:
     """Trains one method on the database's observations and keeps the change estimates.
 
@@ -140,6 +153,10 @@ class OnlineLearner:
             directory's, say) whose encoders, heads and input standardisation the
             new model starts from -- to adapt a model trained elsewhere to this
             database's places. The optimiser, queues and step start afresh.
+        dist: This process's place among the learner's processes (``revisit learn
+            --nproc``, :mod:`revisit.learner.distributed`); one process when None.
+            Every rank trains and holds the same estimates; rank 0 alone takes the
+            learner's lock and writes to the database.
     """
 
     def __init__(
@@ -151,6 +168,7 @@ class OnlineLearner:
         method: str | None = None,
         new_model: bool = False,
         init_from: Path | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         if init_from is not None and not new_model:
             raise LearnerError("init_from starts a new model: it needs new_model")
@@ -180,6 +198,10 @@ class OnlineLearner:
         self._broken: str | None = None
         self._recent_losses: list[float] = []
         self._needs_band_statistics = False
+        self.dist = dist
+        self._d = dist or Distributed.single()
+        self._fetches = 0
+        self._closing = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -213,17 +235,23 @@ class OnlineLearner:
         """
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        conn = self.engine.connect()
-        try:
-            if not learning.try_learner_lock(conn):
-                raise LearnerError(
-                    "another learner is running against this database "
-                    "(it holds the learner's advisory lock); stop it first"
-                )
-            conn.commit()
-        except BaseException:
-            conn.close()
-            raise
+        conn: Connection | None = None
+        locked = True
+        if self._d.is_main:  # one lock for all ranks: rank 0's
+            conn = self.engine.connect()
+            try:
+                locked = learning.try_learner_lock(conn)
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+            if not locked:
+                conn.close()
+        if not self._d.broadcast_object(locked):
+            raise LearnerError(
+                "another learner is running against this database "
+                "(it holds the learner's advisory lock); stop it first"
+            )
         self._lock_conn = conn
         try:
             self._resume()
@@ -233,7 +261,7 @@ class OnlineLearner:
             raise
 
     def _resume(self) -> None:
-        trainer = Trainer(self.config)
+        trainer = Trainer(self.config, dist=self.dist)
         with self.engine.connect() as conn:
             latest = learning.latest_model_version(conn)
             last_event_step = learning.max_event_step(conn) or 0
@@ -325,6 +353,20 @@ class OnlineLearner:
         )
 
     def _assign_clusters(self) -> None:
+        """Geo clusters of every location: rank 0 fits, assigns and writes; all ranks take them."""
+        if self._d.enabled:
+            if self._d.is_main:
+                self._assign_clusters_here()
+            centroids, clusters = self._d.broadcast_object((self.geo_centroids, self.clusters))
+            self.geo_centroids = centroids
+            if self.clusters is None:
+                self.clusters = dict(clusters or {})
+            else:  # the loader holds this dict: update it in place
+                self.clusters.update(clusters or {})
+            return
+        self._assign_clusters_here()
+
+    def _assign_clusters_here(self) -> None:
         with self.engine.begin() as conn:
             table = learning.location_table(conn)
             if table.id.size == 0:
@@ -344,19 +386,39 @@ class OnlineLearner:
         else:  # the loader holds this dict: update it in place
             self.clusters.update(clusters)
 
-    def _fetch(self, after_id: int) -> learning.ObservationTable:
+    def _fetch(self, after_id: int, up_to_id: int | None = None) -> learning.ObservationTable:
         with self.engine.connect() as conn:
             return learning.usable_observations(
                 conn,
                 after_id=after_id,
+                up_to_id=up_to_id,
                 min_valid_fraction=self.config.min_valid_fraction,
                 max_cloud_fraction=self.config.max_cloud_fraction,
             )
 
+    def _fetch_shared(self, after_id: int) -> learning.ObservationTable:
+        """The loader's fetch: on every rank, the observations up to the id rank 0 saw.
+
+        Each fetch has a number; rank 0 publishes the largest observation id under
+        it and every rank (rank 0 too) reads up to that id, so every rank's index
+        holds the same observations and mines the same global batch.
+        """
+        if not self._d.enabled:
+            return self._fetch(after_id)
+        key = f"fetch/{self._fetches}"
+        self._fetches += 1
+        if self._d.is_main:
+            with self.engine.connect() as conn:
+                bound = learning.max_observation_id(conn)
+            self._d.publish(key, bound)
+        else:
+            bound = int(self._d.wait_value(key, stop=self._closing))
+        return self._fetch(after_id, up_to_id=bound)
+
     def _start_loader(self) -> None:
         c = self.config
         self._loader = BatchLoader(
-            fetch=self._fetch,
+            fetch=self._fetch_shared,
             store=self.store,
             augment=learner_augment(self.config),
             policy=MiningPolicy(
@@ -375,6 +437,8 @@ class OnlineLearner:
             prefetch=c.prefetch,
             clusters=self.clusters,
             cache_bytes=c.chip_cache_mb * 2**20,
+            rank=self._d.rank,
+            world_size=self._d.world_size,
         )
         self._loader.start()
 
@@ -392,6 +456,7 @@ class OnlineLearner:
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Stop the loader, checkpoint unsaved steps (when ``checkpoint``) and release the lock."""
+        self._closing.set()
         try:
             if self._loader is not None:
                 self._loader.close()
@@ -446,10 +511,10 @@ class OnlineLearner:
         stopped = False
         try:
             for _ in range(steps):
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                if max_seconds is not None and time.monotonic() - started >= max_seconds:
+                done = (stop is not None and stop.is_set()) or (
+                    max_seconds is not None and time.monotonic() - started >= max_seconds
+                )
+                if self._d.any(done):  # every rank stops at the same step
                     stopped = True
                     break
                 report = self._one_step(window)
@@ -487,8 +552,22 @@ class OnlineLearner:
         warm = step > self.config.warmup_steps and self.mixture is not None
         changed = self.state.changed(locations) if warm else np.zeros(len(locations), dtype=bool)
         result = self.trainer.train_step(batch, changed=changed)
-        if not np.isfinite(result.loss):
-            raise LearnerError(f"step {step}: the loss is {result.loss}; training diverged")
+        loss, long_dist, short_dist = result.loss, result.long_dist, result.short_dist
+        if self._d.enabled:
+            # Every rank's rows, in rank order: every rank folds the global batch's R
+            # into the same estimates (rank 0 alone writes them).
+            parts = self._d.all_gather_objects((tuples, loss, long_dist, short_dist))
+            tuples = _concat_tuples([p[0] for p in parts])
+            losses = [p[1] for p in parts]
+            loss = float(np.mean(losses))
+            long_dist = np.concatenate([p[2] for p in parts])
+            short_dist = np.concatenate([p[3] for p in parts])
+            if not np.all(np.isfinite(losses)):
+                raise LearnerError(
+                    f"step {step}: the ranks' losses are {losses}; training diverged"
+                )
+        if not np.isfinite(loss):
+            raise LearnerError(f"step {step}: the loss is {loss}; training diverged")
         self.step = step
         # R's denominator: the real short-term distance where k+ is a real second date,
         # else a calibrated one (revisit.learner.calibration).
@@ -499,19 +578,19 @@ class OnlineLearner:
         ]
         denominators = self._reference.denominators(
             location_ids=tuples.location_id.tolist(),
-            short_dist=result.short_dist,
-            long_dist=result.long_dist,
+            short_dist=short_dist,
+            long_dist=long_dist,
             real_positive=tuples.positive_id >= 0,
             pair_keys=keys,
         )
-        ratio = result.long_dist / (denominators.value + DEFAULT_EPS)
+        ratio = long_dist / (denominators.value + DEFAULT_EPS)
         rows = np.flatnonzero(np.isfinite(ratio))
         if rows.size:
             self.state.update(
                 step=step,
                 location_ids=tuples.location_id[rows].tolist(),
                 ratio=ratio[rows].tolist(),
-                long_dist=result.long_dist[rows].tolist(),
+                long_dist=long_dist[rows].tolist(),
                 short_dist=denominators.value[rows].tolist(),
                 query_ids=tuples.query_id[rows].tolist(),
                 positive_ids=[None if p < 0 else p for p in tuples.positive_id[rows].tolist()],
@@ -534,7 +613,7 @@ class OnlineLearner:
         rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
         return StepReport(
             step=step,
-            loss=result.loss,
+            loss=loss,
             steps_per_s=rate,
             changed_fraction=self.state.changed_fraction(),
             measured=len(self.state),
@@ -550,9 +629,31 @@ class OnlineLearner:
         and standard deviation of their valid pixels. They go into the model, and
         from the next checkpoint on they are the model's for good.
 
+        With several ranks, rank 0 estimates and the others take its figures.
+
         Raises:
             LearnerError: No chip could be read.
         """
+        outcome: tuple[list[float], list[float], int] | str | None = None
+        if self._d.is_main:
+            try:
+                outcome = self._band_statistics_here()
+            except LearnerError as exc:
+                outcome = str(exc)
+        outcome = self._d.broadcast_object(outcome)
+        if isinstance(outcome, str) or outcome is None:
+            raise LearnerError(outcome or "rank 0 estimated no band statistics")
+        mean, std, n_chips = outcome
+        self.trainer.set_band_statistics(mean, std)
+        self._needs_band_statistics = False
+        logger.info(
+            "input standardisation estimated on %d chips: mean %s, std %s",
+            n_chips,
+            " ".join(f"{v:.4f}" for v in mean),
+            " ".join(f"{v:.4f}" for v in std),
+        )
+
+    def _band_statistics_here(self) -> tuple[list[float], list[float], int]:
         table = self._fetch(0)
         rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0x6E6F726D]))
         n = min(len(table), self.config.normalization_chips)
@@ -573,22 +674,25 @@ class OnlineLearner:
             mean, std = band_statistics(np.stack(chips))
         except ValueError as exc:
             raise LearnerError(f"cannot estimate band statistics: {exc}") from exc
-        self.trainer.set_band_statistics(mean, std)
-        self._needs_band_statistics = False
-        logger.info(
-            "input standardisation estimated on %d chips: mean %s, std %s",
-            len(chips),
-            " ".join(f"{v:.4f}" for v in mean),
-            " ".join(f"{v:.4f}" for v in std),
-        )
+        return list(mean), list(std), len(chips)
 
     def refit(self) -> ChangeMixture | None:
-        """Refit the change mixture on every current r and reclassify; None if too few ratios."""
-        try:
-            mixture = fit_change_mixture(self.state.ratios(), random_state=self.config.seed)
-        except DegenerateRatiosError as exc:
-            logger.info("step %d: change mixture not refitted: %s", self.step, exc)
+        """Refit the change mixture on every current r and reclassify; None if too few ratios.
+
+        With several ranks (which hold the same ratios), rank 0 fits and every rank
+        reclassifies with its mixture.
+        """
+        fitted: ChangeMixture | str | None = None
+        if self._d.is_main:
+            try:
+                fitted = fit_change_mixture(self.state.ratios(), random_state=self.config.seed)
+            except DegenerateRatiosError as exc:
+                fitted = str(exc)
+        fitted = self._d.broadcast_object(fitted)
+        if not isinstance(fitted, ChangeMixture):
+            logger.info("step %d: change mixture not refitted: %s", self.step, fitted)
             return None
+        mixture = fitted
         flipped = self.state.reclassify(mixture)
         self.mixture = mixture
         logger.info(
@@ -609,14 +713,60 @@ class OnlineLearner:
     def checkpoint(self) -> int:
         """Write a checkpoint and commit it with the pending estimates and events.
 
+        With several ranks, every rank calls it at the same step: their models'
+        digests are compared first (a rank that drifted stops the run), rank 0
+        writes, and the others drop their pending rows (rank 0's are the same).
+
         Returns:
             The new ``model_version`` id.
 
         Raises:
-            LearnerError: Writing the file or the transaction failed. The
-                database keeps the previous checkpoint; the learner must be reopened.
+            LearnerError: Writing the file or the transaction failed, or the ranks'
+                models differ. The database keeps the previous checkpoint; the
+                learner must be reopened.
         """
         step = self.step
+        extra: dict[str, Any] = {}
+        if self._d.enabled:
+            digests = self._d.all_gather_objects(state_digest(self.trainer.model))
+            if len(set(digests)) != 1:
+                self._broken = (
+                    f"step {step}: the ranks' models differ (state digests "
+                    f"{', '.join(d[:12] for d in digests)}); the run stops unsaved"
+                )
+                raise LearnerError(self._broken)
+            extra = {"processes": self._d.world_size, "state_digest": digests[0]}
+        outcome: int | str = 0
+        error: BaseException | None = None
+        if self._d.is_main:
+            try:
+                outcome = self._write_checkpoint(step, extra)
+            except BaseException as exc:
+                outcome, error = f"checkpoint at step {step} failed: {exc}", exc
+        else:
+            self.state.take_pending()  # rank 0 writes the same rows
+        outcome = self._d.broadcast_object(outcome)
+        try:
+            if isinstance(outcome, str):
+                raise LearnerError(outcome) from error
+            if self.method == "geo-tp":
+                self._assign_clusters()
+        except BaseException as exc:
+            self._broken = (
+                str(exc)
+                if isinstance(exc, LearnerError)
+                else (f"checkpoint at step {step} failed: {exc}")
+            )
+            if isinstance(exc, LearnerError):
+                raise
+            raise LearnerError(self._broken) from exc
+        self.model_version_id = outcome
+        self._last_checkpoint_step = step
+        if self._d.is_main:
+            self._prune()
+        return outcome
+
+    def _write_checkpoint(self, step: int, extra: dict[str, Any]) -> int:
         key = ckpt.checkpoint_key(self.method, step)
         payload = {
             "method": self.method,
@@ -630,36 +780,29 @@ class OnlineLearner:
             "revisit_version": revisit.__version__,
             "created_at": datetime.now(UTC).isoformat(),
         }
-        try:
-            sha256, size = ckpt.save_checkpoint(self.data_dir, key, payload)
-            estimates, events = self.state.take_pending()
-            metrics = {
-                "sha256": sha256,
-                "size_bytes": size,
-                "changed_fraction": self.state.changed_fraction(),
-                "measured": len(self.state),
-                "mixture": _mixture_to_dict(self.mixture),
-                # What v_change judges an unmeasured location's observations by.
-                "usable": {
-                    "min_valid_fraction": self.config.min_valid_fraction,
-                    "max_cloud_fraction": self.config.max_cloud_fraction,
-                    "pair_gap_days": self.config.short_max_days,
-                },
-            }
-            with self.engine.begin() as conn:
-                version = learning.insert_model_version(
-                    conn, step=step, method=self.method, checkpoint_key=key, metrics=metrics
-                )
-                learning.write_change_batch(
-                    conn, estimates=estimates, events=events, model_version_id=version
-                )
-            if self.method == "geo-tp":
-                self._assign_clusters()
-        except BaseException as exc:
-            self._broken = f"checkpoint at step {step} failed: {exc}"
-            raise LearnerError(self._broken) from exc
-        self.model_version_id = version
-        self._last_checkpoint_step = step
+        sha256, size = ckpt.save_checkpoint(self.data_dir, key, payload)
+        estimates, events = self.state.take_pending()
+        metrics = {
+            "sha256": sha256,
+            "size_bytes": size,
+            "changed_fraction": self.state.changed_fraction(),
+            "measured": len(self.state),
+            "mixture": _mixture_to_dict(self.mixture),
+            # What v_change judges an unmeasured location's observations by.
+            "usable": {
+                "min_valid_fraction": self.config.min_valid_fraction,
+                "max_cloud_fraction": self.config.max_cloud_fraction,
+                "pair_gap_days": self.config.short_max_days,
+            },
+            **extra,
+        }
+        with self.engine.begin() as conn:
+            version = learning.insert_model_version(
+                conn, step=step, method=self.method, checkpoint_key=key, metrics=metrics
+            )
+            learning.write_change_batch(
+                conn, estimates=estimates, events=events, model_version_id=version
+            )
         logger.info(
             "step %d: checkpoint %s committed as model version %d (%d estimates, %d events)",
             step,
@@ -668,7 +811,6 @@ class OnlineLearner:
             len(estimates),
             len(events),
         )
-        self._prune()
         return version
 
     def _prune(self) -> None:

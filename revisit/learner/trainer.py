@@ -44,12 +44,13 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from revisit.config import LearnerSettings
 from revisit.learner.augment import Augment, policy_augment
 from revisit.learner.change import change_ratio
+from revisit.learner.distributed import Distributed
 from revisit.learner.heads import ContrastiveModel, KeyQueue, l2_normalize, upgrade_model_state
 from revisit.learner.loader import TrainBatch
 from revisit.learner.losses import (
@@ -89,17 +90,20 @@ class StepResult:
     short_dist: npt.NDArray[np.float64]
 
 
-def effective_lr(settings: LearnerSettings) -> float:
+def effective_lr(settings: LearnerSettings, world_size: int = 1) -> float:
     """The SGD rate: ``lr`` is for a batch of 256 and scales linearly with the batch (Goyal et al.).
+
+    The batch is the global one: ``batch_size`` rows on each of ``world_size``
+    processes (:mod:`revisit.learner.distributed`).
 
     MoCo's 0.03 is a rate for 256 images; the same rate on the small batches of an
     online CPU learner makes the encoder collapse (every embedding alike, the
     loss stuck at log of the number of keys) within a few dozen steps.
     """
-    return settings.lr * settings.batch_size / 256
+    return settings.lr * settings.batch_size * world_size / 256
 
 
-def learning_rate(settings: LearnerSettings, step: int) -> float:
+def learning_rate(settings: LearnerSettings, step: int, world_size: int = 1) -> float:
     """The SGD rate of a step: linear warm-up, then cosine decay to a floor (or constant).
 
     Step 1 .. ``lr_warmup_steps`` ramp linearly up to :func:`effective_lr`; with the
@@ -111,11 +115,12 @@ def learning_rate(settings: LearnerSettings, step: int) -> float:
         settings: The learner settings.
         step: The model's step about to be taken (1-based: the learner's step less
             :attr:`Trainer.start_step`).
+        world_size: Processes training the model (the global batch).
 
     Returns:
         The rate.
     """
-    base = effective_lr(settings)
+    base = effective_lr(settings, world_size)
     warmup = settings.lr_warmup_steps
     if warmup > 0 and step <= warmup:
         return base * step / warmup
@@ -162,18 +167,48 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+class _QuerySide(nn.Module):
+    """The query encoder, its heads and the geo head: what DDP wraps and averages.
+
+    The key side is no part of it: it has no gradient (a momentum copy), and its
+    batch-norm statistics are averaged by :meth:`Distributed.average_batchnorm_`.
+    """
+
+    def __init__(self, model: ContrastiveModel) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.heads = model.heads
+        self.geo_head = model.geo_head
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        h = self.encoder(x)
+        out = [head(h) for head in self.heads]
+        geo = None if self.geo_head is None else self.geo_head(l2_normalize(out[0]))
+        return out, geo
+
+
 class Trainer:
     """Model, optimiser and the step of one method.
 
     Args:
         settings: The learner settings (method, sizes, optimiser, device).
         seed: Seed of the initial weights.
+        dist: This process's place among the learner's processes; one process
+            when None. With more than one, the query side is wrapped in
+            :class:`~torch.nn.parallel.DistributedDataParallel` on the rank's device
+            (see :mod:`revisit.learner.distributed`).
 
     Raises:
         ValueError: For an unknown method, or a CUDA device PyTorch does not see.
     """
 
-    def __init__(self, settings: LearnerSettings, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        *,
+        seed: int | None = None,
+        dist: Distributed | None = None,
+    ) -> None:
         if settings.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
         self.settings = settings
@@ -187,19 +222,32 @@ class Trainer:
                 momentum=settings.momentum,
                 geo_classes=settings.geo_clusters if self.method == "geo-tp" else None,
             )
-        self.device = resolve_device(settings.device)
+        self.dist = dist or Distributed.single(resolve_device(settings.device))
+        self.device = self.dist.device
         self.memory_format = (
             torch.channels_last if settings.channels_last else torch.contiguous_format
         )
         self.model.to(self.device)
         self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.model.train()
+        self._query_side: nn.Module = _QuerySide(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Built from rank 0's weights (DDP broadcasts them), so every rank starts
+            # alike; buffers are not broadcast at each forward: their running
+            # statistics are averaged after each step instead.
+            self._query_side = DistributedDataParallel(
+                self._query_side,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
         #: The learner step before this model's first: its schedule counts from there
         #: (a ``--new-model`` goes on with the database's step counter).
         self.start_step = 0
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
-            lr=effective_lr(settings),
+            lr=effective_lr(settings, self.dist.world_size),
             momentum=settings.sgd_momentum,
             weight_decay=settings.weight_decay,
         )
@@ -267,7 +315,9 @@ class Trainer:
         n = batch.x_query.shape[0]
         valid = batch.longterm_valid
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.settings, batch.step - self.start_step)
+            group["lr"] = learning_rate(
+                self.settings, batch.step - self.start_step, self.dist.world_size
+            )
         # Key side on the un-augmented images: R's embeddings and the keys of the loss.
         keyed = self._key_view(
             torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)
@@ -287,46 +337,78 @@ class Trainer:
                 seco_keys = [
                     k.float() for k in model.key(self._key_view(torch.cat([k0, k1, k2], dim=0)))
                 ]
-                queries = [q.float() for q in model.query(self._to_device(batch.query_view))]
+                projected, _ = self._query_side(self._to_device(batch.query_view))
+                queries = [q.float() for q in projected]
+            # Per head (k0, k1, k2) of every rank: the other ranks' rows are in-batch
+            # negatives here as they would be in one process with the global batch.
+            local = [[keys_h[:n], keys_h[n : 2 * n], keys_h[2 * n :]] for keys_h in seco_keys]
+            ranks = self.dist.gather_blocks([block for head in local for block in head])
+            remote = [blocks for r, blocks in enumerate(ranks) if r != self.dist.rank]
+            # Negatives beyond the queue: none (invariant), k0 and k1 (season-variant),
+            # k0 and k2 (augmentation-variant), of every row (seco_loss).
+            extra_blocks = ((), (0, 1), (0, 2))
             views = [
                 SeCoViews(
                     query=queries[h],
-                    season_aug=seco_keys[h][:n],
-                    season=seco_keys[h][n : 2 * n],
-                    aug=seco_keys[h][2 * n :],
-                    queue=self._queue_keys(h),
+                    season_aug=local[h][0],
+                    season=local[h][1],
+                    aug=local[h][2],
+                    queue=torch.cat(
+                        [
+                            self._queue_keys(h),
+                            *(blocks[3 * h + b] for blocks in remote for b in extra_blocks[h]),
+                        ],
+                        dim=0,
+                    ),
                 )
                 for h in range(3)
             ]
             loss = seco_loss(*views, temperature=self.settings.temperature)
-            # Each head's queue holds its past positives: k0, k2, k1 (see seco_loss).
-            enqueue = [seco_keys[0][:n], seco_keys[1][2 * n :], seco_keys[2][n : 2 * n]]
+            # Each head's queue holds its past positives: k0, k2, k1 (see seco_loss),
+            # every rank's in rank order.
+            enqueue = [
+                torch.cat([blocks[3 * h + b] for blocks in ranks], dim=0)
+                for h, b in ((0, 0), (1, 2), (2, 1))
+            ]
         else:
             with self._autocast():
-                query = model.query(self._to_device(batch.query_view))[0].float()
+                projections, geo_logits = self._query_side(self._to_device(batch.query_view))
+                query = projections[0].float()
             positive = f_query if self.method == "moco" else f_positive
+            mode = _CACO_MODE[self.method]
+            # The other ranks' k+ (and, where the mode uses them, their valid k_lt) are
+            # negatives of every row here, as in one process with the global batch:
+            # added to the queue's keys, which are negatives of every row.
+            with_longterm = mode in ("caco", "teco")
+            ranks = self.dist.gather_blocks(
+                [positive, keys[0][2 * n :]] if with_longterm else [positive]
+            )
+            remote_keys = [
+                block for r, blocks in enumerate(ranks) if r != self.dist.rank for block in blocks
+            ]
             loss = caco_loss(
                 query,
                 positive,
                 f_longterm,
-                self._queue_keys(0),
+                torch.cat([self._queue_keys(0), *remote_keys], dim=0),
                 changed=torch.from_numpy(np.asarray(changed, dtype=bool)).to(self.device),
                 longterm_valid=valid.to(self.device),
                 temperature=self.settings.temperature,
-                mode=_CACO_MODE[self.method],
+                mode=mode,
             )
             if self.method == "geo-tp":
-                if batch.cluster_id is None:
-                    raise ValueError("a geo-tp batch needs cluster ids")
+                if batch.cluster_id is None or geo_logits is None:
+                    raise ValueError("a geo-tp batch needs cluster ids and a geo head")
                 loss = loss + geo_classification_loss(
-                    model.geo_logits(l2_normalize(query)), batch.cluster_id.to(self.device)
+                    geo_logits.float(), batch.cluster_id.to(self.device)
                 )
-            enqueue = [positive]
+            enqueue = [torch.cat([blocks[0] for blocks in ranks], dim=0)]
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         model.momentum_update()
+        self.dist.average_batchnorm_(model)
         for head, k in enumerate(enqueue):
             self._queue(head).enqueue(k)
 
