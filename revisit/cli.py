@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -669,6 +670,22 @@ def learn(
             " locations a step. Across machines, run `torchrun ... -m revisit learn` instead.",
         ),
     ] = 1,
+    forever: Annotated[
+        bool,
+        typer.Option(
+            "--forever",
+            help="Train until stopped (Ctrl-C, SIGTERM), checkpointing every"
+            " learner.checkpoint_every steps: how `revisit run` runs a learner of"
+            " daemon.learner_processes > 1.",
+        ),
+    ] = False,
+    exit_with_parent: Annotated[
+        bool,
+        typer.Option(
+            "--exit-with-parent",
+            help="Stop (checkpointing) when the process that started it exits (for supervisors).",
+        ),
+    ] = False,
 ) -> None:
     """Train the encoder on the ingested observations and update every location's r.
 
@@ -693,6 +710,10 @@ def learn(
         raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     if init_from is not None and not new_model:
         raise typer.BadParameter("needs --new-model", param_hint="--init-from")
+    if forever and (steps is not None or minutes is not None):
+        raise typer.BadParameter("--forever goes without --steps and --minutes")
+    if forever:
+        steps = sys.maxsize
     if nproc > 1 and not launched():
         args = [*(["--steps", str(steps)] if steps is not None else [])]
         args += ["--minutes", f"{minutes!r}"] if minutes is not None else []
@@ -700,7 +721,11 @@ def learn(
         args += ["--new-model"] if new_model else []
         args += ["--init-from", str(init_from.resolve())] if init_from is not None else []
         state: _State = ctx.find_root().obj
-        raise typer.Exit(_launch_learners(settings, nproc, args, config=state.config_file))
+        raise typer.Exit(
+            _launch_learners(
+                settings, nproc, args, config=state.config_file, exit_with_parent=exit_with_parent
+            )
+        )
     if steps is None and minutes is None:
         steps = DEFAULT_LEARN_STEPS
     stop = threading.Event()
@@ -711,6 +736,8 @@ def learn(
     dist = Distributed.from_environment(settings.learner.device) if launched() else None
     main_rank = dist is None or dist.is_main
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if exit_with_parent:
+        _stop_with_parent(stop)
     try:
         with Database(settings) as db:
             if main_rank:
@@ -804,14 +831,34 @@ def learn(
         )
 
 
+def _stop_with_parent(stop: threading.Event, *, poll_s: float = 1.0) -> None:
+    """Set ``stop`` once the process that started this one has exited (a thread watches)."""
+    import os
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=watch, name="revisit-parent-watch", daemon=True).start()
+
+
 def _launch_learners(
-    settings: Settings, nproc: int, args: list[str], *, config: Path | None
+    settings: Settings,
+    nproc: int,
+    args: list[str],
+    *,
+    config: Path | None,
+    exit_with_parent: bool = False,
 ) -> int:
     """``revisit learn --nproc N``: N ranks of ``revisit learn`` under ``torch.distributed.run``.
 
     The database is opened (the embedded cluster started) and migrated here
     first, so the ranks find it up; SIGINT and SIGTERM go on to the launcher,
-    whose ranks checkpoint and stop together.
+    whose ranks checkpoint and stop together (and so does the exit of this
+    process's parent, with ``exit_with_parent``).
 
     Returns:
         The launcher's exit status.
@@ -843,8 +890,17 @@ def _launch_learners(
             child.send_signal(signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        orphaned = threading.Event()
+        if exit_with_parent:
+            _stop_with_parent(orphaned)
         try:
-            return child.wait()
+            while True:
+                try:
+                    return child.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if orphaned.is_set():
+                        orphaned.clear()
+                        child.send_signal(signal.SIGTERM)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

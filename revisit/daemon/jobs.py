@@ -40,6 +40,7 @@ from revisit.memory import trim_heap
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
+    from revisit.daemon.supervisor import Supervisor
     from revisit.ingest.pipeline import IngestSummary, PlanSummary
     from revisit.ingest.sources.base import SceneSource
     from revisit.learner.online import OnlineLearner, StepReport
@@ -148,6 +149,9 @@ class JobContext:
         until_step: The learner stops at this step (``revisit run --until-step``).
         learner: The learner kept open across chunks.
         scheduler: The scheduler running the jobs (set once it is built).
+        learner_children: With ``daemon.learner_processes`` > 1, the supervised
+            ``revisit learn --nproc N`` (started by the learn job once there is
+            something to learn from); None otherwise.
     """
 
     settings: Settings
@@ -159,6 +163,7 @@ class JobContext:
     until_step: int | None = None
     learner: LearnerSlot = field(default_factory=LearnerSlot)
     scheduler: SchedulerControl | None = None
+    learner_children: Supervisor | None = None
     _last_detail: dict[str, str] = field(default_factory=dict)
     _resume: set[str] = field(default_factory=set)
 
@@ -459,6 +464,13 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
     slot = c.learner
     if c.stop.is_set():
         return JobResult("skipped", "shutting down")
+    if c.settings.daemon.learner_processes > 1:
+        c.control.pause(LEARN)  # as a chunk: runs follow each other, never overlap
+        try:
+            return _learn_in_children(c)
+        finally:
+            if not c.stop.is_set():
+                c.resume_when_done(LEARN)
     control = c.control
     control.pause(LEARN)  # first: the next chunk is scheduled when this one has ended
     export_due = False
@@ -546,6 +558,59 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
         reached = c.until_step is not None and slot.step >= c.until_step
         if not c.stop.is_set() and not reached:
             c.resume_when_done(LEARN)
+
+
+def _learn_in_children(c: JobContext) -> JobResult:
+    """``daemon.learner_processes`` > 1: start the distributed learner, then follow its steps.
+
+    The learner runs as a supervised child (``revisit learn --nproc N --forever``,
+    restarted should it end); this job starts it once two locations have usable
+    observations and, on every run, waits ``daemon.learn_chunk_s`` and reads the
+    step of its newest checkpoint: the step metric, readiness (a checkpoint is
+    progress) and the ONNX export every ``daemon.export_every_steps`` steps
+    follow it.
+    """
+    from revisit.daemon.supervisor import Supervisor, learner_spec
+
+    slot = c.learner
+    lc = c.settings.learner
+    if c.learner_children is not None:
+        c.stop.wait(c.settings.daemon.learn_chunk_s)
+    with c.engine.connect() as conn:
+        latest = learning.latest_model_version(conn)
+        if c.learner_children is None:
+            ready = daemon_db.has_trainable_locations(
+                conn,
+                min_valid_fraction=lc.min_valid_fraction,
+                max_cloud_fraction=lc.max_cloud_fraction,
+            )
+            if not ready:
+                slot.progressed()  # waiting for data is not a stall
+                return JobResult(
+                    "skipped",
+                    "waiting for usable observations of at least 2 locations (ingest first)",
+                )
+    step = latest.step if latest is not None else 0
+    n = c.settings.daemon.learner_processes
+    if c.learner_children is None:
+        # Stop-on-shutdown waits for the ranks' last step and checkpoint.
+        c.learner_children = Supervisor([learner_spec(c.settings)], stop_timeout_s=120)
+        c.learner_children.start()
+        slot.step = slot.exported_at_step = step
+        slot.progressed()
+        log.info("learner started: %d processes from step %d", n, step, extra={"step": step})
+    if step > slot.step:
+        c.metrics.steps.inc(step - slot.step)
+        slot.step = step
+        slot.progressed()
+    c.metrics.step.set(step)
+    if step - slot.exported_at_step >= c.settings.daemon.export_every_steps:
+        slot.exported_at_step = step
+        c.control.wake(EXPORT_ONNX)
+    running = c.learner_children.running()
+    return JobResult(
+        "ok", f"{n} learner processes ({running} launcher running), checkpoint at step {step}"
+    )
 
 
 def refit(*, ctx: JobContext | None = None) -> JobResult:

@@ -265,11 +265,15 @@ def _lead(
         term_stop.set()
         if workers is not None:
             workers.terminate()  # they finish their scenes while the jobs end
+        if ctx.learner_children is not None:
+            ctx.learner_children.terminate()  # the ranks checkpoint and stop together
         began = time.monotonic()
         log.info("stopping the scheduler; waiting for running jobs to end")
         scheduler.shutdown()
         if workers is not None:
             workers.stop()
+        if ctx.learner_children is not None:
+            ctx.learner_children.stop()
         try:
             ctx.learner.close(checkpoint=True)
         except Exception as exc:  # the last committed checkpoint stands; the next run resumes there

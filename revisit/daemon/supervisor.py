@@ -1,4 +1,4 @@
-"""Child processes the daemon runs and keeps running: its ingest workers.
+"""Child processes the daemon runs and keeps running: its ingest workers and distributed learner.
 
 :class:`Supervisor` starts each :class:`ChildSpec`, restarts one that exits
 (after a back-off that doubles while it keeps dying young), and stops them all
@@ -73,6 +73,25 @@ def ingest_worker_specs(settings: Settings) -> list[ChildSpec]:
         ChildSpec(name=f"ingest-worker-{i + 1}", argv=argv, env=env)
         for i in range(settings.daemon.ingest_workers)
     ]
+
+
+def learner_spec(settings: Settings) -> ChildSpec:
+    """The learner of ``daemon.learner_processes`` > 1: ``revisit learn --nproc N --forever``.
+
+    One child (the launcher), which runs the N ranks under ``torch.distributed.run``
+    and stops them, checkpointed, on SIGTERM or when the daemon is gone.
+    """
+    argv = [
+        sys.executable,
+        "-m",
+        "revisit.cli",
+        "learn",
+        "--nproc",
+        str(settings.daemon.learner_processes),
+        "--forever",
+        "--exit-with-parent",
+    ]
+    return ChildSpec(name="learner", argv=argv, env=settings_environment(settings))
 
 
 @dataclass

@@ -165,6 +165,7 @@ def test_two_processes_train_one_model_and_rank_0_writes_once(
     assert all(n <= 8 for n in per_step.values())
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one_on_the_same_global_batch(
     cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path, pg_cluster
 ) -> None:
@@ -200,6 +201,7 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(
         _drop_database(pg_cluster, other)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_launch_and_the_next_resumes(
     cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path
 ) -> None:
@@ -318,7 +320,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("method", ["caco", "seco"])
+@pytest.mark.parametrize("method", ["caco", pytest.param("seco", marks=pytest.mark.slow)])
 def test_two_ranks_take_the_step_one_process_takes(method: str, tmp_path: Path) -> None:
     torch.multiprocessing.spawn(
         _rank_main, args=(method, _free_port(), str(tmp_path)), nprocs=2, join=True
