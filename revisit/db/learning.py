@@ -160,6 +160,44 @@ def max_observation_id(conn: Connection) -> int:
     return int(conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM observation")).scalar_one())
 
 
+def observation_ids(
+    conn: Connection, *, after_id: int, up_to_id: int, among: Sequence[int] = ()
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Ids of every observation (usable or not) in (``after_id``, ``up_to_id``], and of ``among``.
+
+    Returns:
+        The ids in the range, ascending; the ids of ``among`` that exist.
+    """
+    in_range = conn.execute(
+        sa.text("SELECT id FROM observation WHERE id > :a AND id <= :b ORDER BY id"),
+        {"a": int(after_id), "b": int(up_to_id)},
+    ).scalars()
+    found: Any = (
+        conn.execute(
+            sa.text("SELECT id FROM observation WHERE id = ANY(:ids) ORDER BY id"),
+            {"ids": [int(i) for i in among]},
+        ).scalars()
+        if among
+        else []
+    )
+    return np.fromiter(in_range, dtype=np.int64), np.fromiter(found, dtype=np.int64)
+
+
+def concat_observations(tables: Sequence[ObservationTable]) -> ObservationTable:
+    """The rows of several tables, ordered by id (ids distinct)."""
+    ids = np.concatenate([t.id for t in tables]) if tables else np.empty(0, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    keys = [k for t in tables for k in t.chip_key]
+    shas = [h for t in tables for h in t.chip_sha256]
+    return ObservationTable(
+        id=ids[order],
+        location_id=np.concatenate([t.location_id for t in tables])[order],
+        acquired_at=np.concatenate([t.acquired_at for t in tables])[order],
+        chip_key=[keys[i] for i in order.tolist()],
+        chip_sha256=[shas[i] for i in order.tolist()],
+    )
+
+
 def usable_observations(
     conn: Connection,
     *,
@@ -168,6 +206,7 @@ def usable_observations(
     max_cloud_fraction: float,
     limit: int | None = None,
     up_to_id: int | None = None,
+    ids: Sequence[int] | None = None,
 ) -> ObservationTable:
     """Observations good enough to train on, as columns.
 
@@ -179,6 +218,7 @@ def usable_observations(
         limit: At most this many (the lowest ids); None for all.
         up_to_id: Only observations with an id up to this one (what every rank of
             a distributed learner reads alike); None for no bound.
+        ids: Only these observations (with ``after_id`` 0: whatever their id).
 
     Returns:
         The observations, ordered by id.
@@ -193,10 +233,12 @@ def usable_observations(
         " chip_key, chip_sha256 FROM observation"
         " WHERE id > %(after)s AND valid_fraction >= %(valid)s AND cloud_fraction <= %(cloud)s"
         " AND (%(upto)s::bigint IS NULL OR id <= %(upto)s::bigint)"
+        " AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))"
         " ORDER BY id LIMIT %(limit)s"
     )
     params = {
         "upto": None if up_to_id is None else int(up_to_id),
+        "ids": None if ids is None else [int(i) for i in ids],
         "after": int(after_id),
         "valid": float(min_valid_fraction),
         "cloud": float(max_cloud_fraction),

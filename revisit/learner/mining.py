@@ -130,8 +130,10 @@ class TupleBatch:
 class ObservationIndex:
     """Usable observations held in memory, grouped by location and sorted by time.
 
-    ``extend`` adds rows fetched from the database (ids must grow); the grouping
-    is rebuilt lazily on the next draw.
+    ``extend`` adds rows fetched from the database: mostly ids above the highest
+    held, and now and then a lower one that committed late (ingest workers commit
+    their scenes in any order); ids already held are skipped. The grouping is
+    rebuilt lazily on the next draw.
     """
 
     def __init__(self) -> None:
@@ -147,6 +149,7 @@ class ObservationIndex:
         self._starts = np.empty(0, dtype=np.int64)
         self._counts = np.empty(0, dtype=np.int64)
         self._standard: dict[tuple[int, float, float], bool] = {}
+        self._max_id = 0
 
     def __len__(self) -> int:
         return int(self._id.shape[0])
@@ -154,7 +157,7 @@ class ObservationIndex:
     @property
     def last_id(self) -> int:
         """The highest observation id held (0 when empty): fetch after this one."""
-        return int(self._id[-1]) if len(self) else 0
+        return self._max_id
 
     @property
     def n_locations(self) -> int:
@@ -166,16 +169,27 @@ class ObservationIndex:
         """Add newly fetched observations; returns how many were new.
 
         Raises:
-            ValueError: If the table's ids are not above :attr:`last_id` and increasing.
+            ValueError: If the table's ids are not increasing.
         """
         if len(table) == 0:
             return 0
         ids = np.asarray(table.id, dtype=np.int64)
-        if int(ids[0]) <= self.last_id or np.any(np.diff(ids) <= 0):
-            raise ValueError(
-                f"observations must come in increasing id order after {self.last_id}, "
-                f"got ids from {int(ids[0])}"
+        if np.any(np.diff(ids) <= 0):
+            raise ValueError(f"observations must come in increasing id order, got {ids.tolist()}")
+        new = np.fromiter((i not in self._row_of for i in ids.tolist()), dtype=bool, count=ids.size)
+        if not new.all():
+            rows = np.flatnonzero(new)
+            table = ObservationTable(
+                id=ids[rows],
+                location_id=np.asarray(table.location_id)[rows],
+                acquired_at=np.asarray(table.acquired_at)[rows],
+                chip_key=[table.chip_key[i] for i in rows.tolist()],
+                chip_sha256=[table.chip_sha256[i] for i in rows.tolist()],
             )
+            ids = table.id
+            if ids.size == 0:
+                return 0
+        self._max_id = max(self._max_id, int(ids[-1]))
         base = len(self)
         self._id = np.concatenate([self._id, ids])
         self._location = np.concatenate(

@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long an observation id missing below the newest one the learner has is looked
+#: for again (an ingest transaction that took its ids earlier and commits later), in
+#: seconds; a scene's transaction takes seconds to minutes.
+LATE_COMMIT_S = 3600.0
+#: ... and only among the newest this many ids (older gaps are deletions, rollbacks).
+LATE_WINDOW_IDS = 100_000
+
 
 @dataclass(frozen=True)
 class StepReport:
@@ -202,6 +209,7 @@ class OnlineLearner:
         self._d = dist or Distributed.single()
         self._fetches = 0
         self._closing = threading.Event()
+        self._missing: dict[int, float] = {}  # ids missing below the newest fetched: since when
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -397,23 +405,55 @@ class OnlineLearner:
             )
 
     def _fetch_shared(self, after_id: int) -> learning.ObservationTable:
-        """The loader's fetch: on every rank, the observations up to the id rank 0 saw.
+        """The loader's fetch: observations after ``after_id``, and those that committed late.
 
-        Each fetch has a number; rank 0 publishes the largest observation id under
-        it and every rank (rank 0 too) reads up to that id, so every rank's index
-        holds the same observations and mines the same global batch.
+        Ingest (several workers, or a worker beside a manual ``revisit ingest``)
+        commits scenes in any order, so an observation id below the newest one
+        fetched may become visible later: the ids missing below the newest are
+        looked for again at every fetch, for :data:`LATE_COMMIT_S` (after that a
+        missing id is taken for a rolled-back one).
+
+        With several ranks, each fetch has a number; rank 0 publishes under it the
+        largest observation id and the late ids it found, and every rank (rank 0
+        too) reads exactly those, so every rank's index holds the same
+        observations and mines the same global batch.
         """
-        if not self._d.enabled:
-            return self._fetch(after_id)
         key = f"fetch/{self._fetches}"
         self._fetches += 1
         if self._d.is_main:
             with self.engine.connect() as conn:
                 bound = learning.max_observation_id(conn)
-            self._d.publish(key, bound)
+                present, late = learning.observation_ids(
+                    conn, after_id=after_id, up_to_id=bound, among=sorted(self._missing)
+                )
+            now = time.monotonic()
+            for found in late.tolist():
+                self._missing.pop(found, None)
+            # Only recent ids can belong to a transaction still open.
+            expected = np.arange(max(after_id, bound - LATE_WINDOW_IDS) + 1, bound + 1)
+            for gap in np.setdiff1d(expected, present).tolist():
+                self._missing.setdefault(gap, now)
+            for gap, since in list(self._missing.items()):
+                if now - since > LATE_COMMIT_S:
+                    del self._missing[gap]
+            shared = (bound, late.tolist())
+            self._d.publish(key, shared)
         else:
-            bound = int(self._d.wait_value(key, stop=self._closing))
-        return self._fetch(after_id, up_to_id=bound)
+            shared = self._d.wait_value(key, stop=self._closing)
+        bound, late_ids = int(shared[0]), list(shared[1])
+        table = self._fetch(after_id, up_to_id=bound)
+        if late_ids:
+            with self.engine.connect() as conn:
+                recovered = learning.usable_observations(
+                    conn,
+                    ids=late_ids,
+                    min_valid_fraction=self.config.min_valid_fraction,
+                    max_cloud_fraction=self.config.max_cloud_fraction,
+                )
+            if len(recovered):
+                logger.info("learner picks up %d observations committed late", len(recovered))
+            table = learning.concat_observations([table, recovered])
+        return table
 
     def _start_loader(self) -> None:
         c = self.config

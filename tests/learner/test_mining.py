@@ -128,12 +128,15 @@ def test_new_locations_get_drawn_soon_after_they_land() -> None:
     assert hits > 50 * 4 / 21  # drawn more often than its uniform share
 
 
-def test_extend_refuses_ids_out_of_order() -> None:
+def test_extend_skips_held_ids_takes_late_ones_and_refuses_disorder() -> None:
     index = ObservationIndex()
-    index.extend(_table([(5, 1, 0), (6, 2, 0)]))
-    assert index.last_id == 6
+    index.extend(_table([(5, 1, 0), (7, 2, 0)]))
+    assert index.last_id == 7
+    assert index.extend(_table([(7, 1, 10)])) == 0  # held already: skipped
+    assert index.extend(_table([(6, 1, 10), (8, 2, 20)])) == 2  # 6 committed late
+    assert index.last_id == 8 and len(index) == 4 and index.chip(6)[1] == f"{6:064x}"
     with pytest.raises(ValueError, match="increasing id order"):
-        index.extend(_table([(6, 1, 10)]))
+        index.extend(_table([(10, 1, 10), (9, 1, 0)]))
     assert index.chip(5)[1] == f"{5:064x}"
 
 
