@@ -218,7 +218,7 @@ class LearnerSettings(_Section):
     geo_clusters: int = Field(default=100, ge=2, le=10_000, description="K-means K for geo-tp.")
     prefetch: int = Field(default=3, ge=1, le=64, description="Batches prepared ahead.")
     chip_cache_mb: int = Field(
-        default=512, ge=0, le=1_000_000, description="Memory for chips already read; 0: none."
+        default=96, ge=0, le=1_000_000, description="Memory for chips already read; 0: none."
     )
     seed: int = Field(default=0, ge=0, description="Seed of mining, augmentation and weights.")
     threads: int = Field(default=0, ge=0, le=256, description="Torch threads; 0: torch's default.")
