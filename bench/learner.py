@@ -126,36 +126,8 @@ def main() -> None:
             raise SystemExit("no batch to copy shapes from")
         learner_rate = tuples / learner_s
 
-        trainer = Trainer(settings.learner)
-        gen = torch.Generator().manual_seed(0)
-
-        def random_batch(step: int) -> TrainBatch:
-            def like(t: torch.Tensor) -> torch.Tensor:
-                return torch.rand(t.shape, generator=gen) * 0.3
-
-            views = sample.seco_views
-            seco = None if views is None else (like(views[0]), like(views[1]), like(views[2]))
-            return TrainBatch(
-                step=step,
-                tuples=sample.tuples,
-                x_query=like(sample.x_query),
-                x_positive=like(sample.x_positive),
-                x_longterm=like(sample.x_longterm),
-                longterm_valid=sample.longterm_valid,
-                query_view=like(sample.query_view),
-                seco_views=seco,
-                cluster_id=sample.cluster_id,
-            )
-
-        batches = [random_batch(i) for i in range(args.warmup + args.steps)]
-        changed = np.zeros(len(sample.tuples), dtype=bool)
-        for b in batches[: args.warmup]:
-            trainer.train_step(b, changed=changed)
-        began = time.perf_counter()
-        for b in batches[args.warmup :]:
-            trainer.train_step(b, changed=changed)
-        compute_s = time.perf_counter() - began
-        compute_rate = args.steps * len(sample.tuples) / compute_s
+        compute_rate = _compute_bound(settings, sample, args.steps, args.warmup)
+        compute_s = args.steps * len(sample.tuples) / compute_rate
 
         crop = settings.learner.crop_size or args.chip_size
         print(

@@ -38,7 +38,7 @@ from revisit.logs import log_context
 from revisit.memory import trim_heap
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Connection, Engine
 
     from revisit.daemon.supervisor import Supervisor
     from revisit.ingest.pipeline import IngestSummary, PlanSummary
@@ -478,19 +478,10 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
         with slot.lock:
             learner = slot.learner
             if learner is None:
-                lc = c.settings.learner
                 with c.engine.connect() as conn:
-                    ready = daemon_db.has_trainable_locations(
-                        conn,
-                        min_valid_fraction=lc.min_valid_fraction,
-                        max_cloud_fraction=lc.max_cloud_fraction,
-                    )
-                if not ready:
-                    slot.progressed()  # waiting for data is not a stall
-                    return JobResult(
-                        "skipped",
-                        "waiting for usable observations of at least 2 locations (ingest first)",
-                    )
+                    waiting = _waiting_for_data(c, conn)
+                if waiting is not None:
+                    return waiting
                 from revisit.learner.online import OnlineLearner  # torch: seconds to import
 
                 learner = OnlineLearner(settings=c.settings, engine=c.engine, store=c.store)
@@ -560,6 +551,20 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
             c.resume_when_done(LEARN)
 
 
+def _waiting_for_data(c: JobContext, conn: Connection) -> JobResult | None:
+    """The skipped run of a learner with nothing to learn from yet; None when there is."""
+    lc = c.settings.learner
+    ready = daemon_db.has_trainable_locations(
+        conn, min_valid_fraction=lc.min_valid_fraction, max_cloud_fraction=lc.max_cloud_fraction
+    )
+    if ready:
+        return None
+    c.learner.progressed()  # waiting for data is not a stall
+    return JobResult(
+        "skipped", "waiting for usable observations of at least 2 locations (ingest first)"
+    )
+
+
 def _learn_in_children(c: JobContext) -> JobResult:
     """``daemon.learner_processes`` > 1: start the distributed learner, then follow its steps.
 
@@ -573,23 +578,13 @@ def _learn_in_children(c: JobContext) -> JobResult:
     from revisit.daemon.supervisor import Supervisor, learner_spec
 
     slot = c.learner
-    lc = c.settings.learner
     if c.learner_children is not None:
         c.stop.wait(c.settings.daemon.learn_chunk_s)
     with c.engine.connect() as conn:
         latest = learning.latest_model_version(conn)
-        if c.learner_children is None:
-            ready = daemon_db.has_trainable_locations(
-                conn,
-                min_valid_fraction=lc.min_valid_fraction,
-                max_cloud_fraction=lc.max_cloud_fraction,
-            )
-            if not ready:
-                slot.progressed()  # waiting for data is not a stall
-                return JobResult(
-                    "skipped",
-                    "waiting for usable observations of at least 2 locations (ingest first)",
-                )
+        waiting = _waiting_for_data(c, conn) if c.learner_children is None else None
+        if waiting is not None:
+            return waiting
     step = latest.step if latest is not None else 0
     n = c.settings.daemon.learner_processes
     if c.learner_children is None:
