@@ -20,8 +20,8 @@ test-all: setup
 	$(BIN)/pytest -m "" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check revisit tests bench alembic
-	$(BIN)/ruff format --check revisit tests bench alembic
+	$(BIN)/ruff check revisit tests bench
+	$(BIN)/ruff format --check revisit tests bench
 	$(BIN)/mypy
 
 setup: postgis $(STAMP)

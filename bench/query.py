@@ -3,7 +3,7 @@
 Loads 1,000,000 locations (clustered around 300 cities, Paris among them), a
 change estimate for each and two history events each, 20 AOIs and a user's
 table of 200 polygons, all through COPY, into a throwaway PostGIS cluster.
-Then runs every query in README.md's "Asking SQL questions" 50 times and
+Then runs every query in docs/sql.md's "Asking SQL questions" 50 times and
 prints p50 and p95 per query, and, in the same run, the same query with index
 and bitmap scans disabled (3 runs: they are slow), with the ratio. The
 figure printed last is the worse p50 of the bounding-box and radius queries
@@ -36,9 +36,9 @@ SQL_BLOCK = re.compile(r"```sql\n(.*?)```", re.DOTALL)
 
 
 def documented_queries() -> list[str]:
-    section = SECTION.search((REPO / "README.md").read_text())
+    section = SECTION.search((REPO / "docs" / "sql.md").read_text())
     if section is None:
-        raise SystemExit("README.md has no 'Asking SQL questions' section")
+        raise SystemExit("docs/sql.md has no 'Asking SQL questions' section")
     return [q.strip().rstrip(";") for q in SQL_BLOCK.findall(section.group(1))]
 
 

@@ -10,6 +10,13 @@ When Settings hold no database URL, revisit runs its own PostgreSQL cluster in
   root, because PostgreSQL refuses to run as root;
 - listening only on a Unix socket inside its own data directory (mode 0700),
   never on TCP;
+- when revisit runs as root and the OS user cannot reach the data directory
+  (a checkout under ``/root``, or any 0700 parent), kept instead in
+  ``/var/lib/revisit/<digest>/postgres`` (``<digest>``: 12 hex digits of the
+  sha256 of the data directory's real path), owned by that user, mode 0700,
+  with ``<data_dir>/postgres`` a symbolic link to it. The link is made before
+  the cluster is moved into place, so a cluster without its link is an orphan
+  (its data directory was deleted) and is removed rather than adopted;
 - started on demand and shared between processes: every process that uses it
   holds a shared lock on ``<data_dir>/run/postgres.users``, and the last one out
   stops it, unless it was pinned by ``revisit db start`` (or ``revisit db url``);
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import grp
+import hashlib
 import logging
 import os
 import pwd
@@ -64,6 +72,8 @@ _PG_HBA = (
     f"local   all       {SUPERUSER}  trust\n"
     "local   all       all      scram-sha-256\n"
 )
+#: Where clusters go whose data directory the OS user cannot reach (see the module docstring).
+FALLBACK_ROOT = Path("/var/lib/revisit")
 _INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'\t# written by revisit at every start\n"
 
 
@@ -131,6 +141,7 @@ class EmbeddedPostgres:
         os_user: OS user that owns and runs the cluster when this process is root.
         port: Names the Unix socket (``.s.PGSQL.<port>``); there is no TCP listener.
         start_timeout_s: How long to wait for the server to start or stop.
+        fallback_root: Where the cluster goes when ``os_user`` cannot reach ``data_dir``.
     """
 
     def __init__(
@@ -141,9 +152,9 @@ class EmbeddedPostgres:
         os_user: str = "postgres",
         port: int = 5432,
         start_timeout_s: float = 60.0,
+        fallback_root: Path = FALLBACK_ROOT,
     ) -> None:
         self.data_dir = data_dir.absolute()
-        self.pgdata = self.data_dir / "postgres"
         self.run_dir = self.data_dir / "run"
         self.port = port
         self.start_timeout_s = start_timeout_s
@@ -151,6 +162,9 @@ class EmbeddedPostgres:
         self._bin_dir: Path | None = None
         self.os_user = os_user if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         self._users_fd: IO[bytes] | None = None
+        #: ``<data_dir>/postgres``: the cluster itself, or a link to it.
+        self.link = self.data_dir / "postgres"
+        self.pgdata = self._locate(fallback_root)
         socket = self.socket_path
         if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
             raise EmbeddedDatabaseError(
@@ -171,6 +185,21 @@ class EmbeddedPostgres:
         )
 
     # -- where things are ---------------------------------------------------------------
+
+    def _locate(self, fallback_root: Path) -> Path:
+        """The cluster's directory: ``<data_dir>/postgres``, where that link points, or the
+        fallback when the OS user could not reach ``<data_dir>``."""
+        if self.link.is_symlink():
+            return Path(os.path.realpath(self.link))
+        if self.link.exists() or self._unreachable(self.link) is None:
+            return self.link
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.data_dir))).hexdigest()[:12]
+        return fallback_root.absolute() / digest / "postgres"
+
+    @property
+    def relocated(self) -> bool:
+        """Whether the cluster lives outside the data directory (see the module docstring)."""
+        return self.pgdata != self.link
 
     @property
     def socket_dir(self) -> Path:
@@ -326,6 +355,8 @@ class EmbeddedPostgres:
             True if this call started the server, False if it was already running.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.relocated and not self.link.is_symlink() and self.pgdata.exists():
+            self._remove_orphan()
         if not self.is_initialized():
             self._create()
         if self.is_running():
@@ -349,6 +380,37 @@ class EmbeddedPostgres:
 
     # -- creation -----------------------------------------------------------------------
 
+    def _remove_orphan(self) -> None:
+        """Remove a relocated cluster whose data directory (and so its link) was deleted."""
+        if self._pid_from_file(self.pgdata) is not None and self.is_running():
+            raise EmbeddedDatabaseError(
+                f"{self.pgdata} holds the cluster of a deleted data directory ({self.link} "
+                "is gone) and its server still runs: stop it with "
+                f"`runuser -u {self.os_user} -- {self.bin_dir / 'pg_ctl'} stop -D {self.pgdata}`"
+            )
+        log.warning(
+            "removing %s: the cluster of a data directory that was deleted (%s is gone)",
+            self.pgdata,
+            self.link,
+        )
+        self._remove_tree(self.pgdata.parent)
+
+    def _make_home(self) -> None:
+        """Make the relocated cluster's parent: root's ``fallback_root`` (0755), then a
+        directory of the OS user's own (0700) that keeps the cluster and socket private."""
+        home = self.pgdata.parent
+        home.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        home.mkdir(exist_ok=True, mode=0o700)
+        self._give_to_os_user(home)
+        log.info(
+            "the OS user %r cannot reach %s: the embedded database lives in %s instead, "
+            "linked from %s",
+            self.os_user,
+            self.data_dir,
+            self.pgdata,
+            self.link,
+        )
+
     def _create(self) -> None:
         if self.pgdata.exists() and any(self.pgdata.iterdir()):
             raise EmbeddedDatabaseError(
@@ -356,7 +418,9 @@ class EmbeddedPostgres:
                 "move it away, or choose another REVISIT_DATA_DIR"
             )
         self._check_postgis_installed()
-        staging = self.data_dir / "postgres.init"
+        if self.relocated:
+            self._make_home()
+        staging = self.pgdata.parent / "postgres.init"
         if staging.exists():
             log.warning("removing an unfinished cluster creation in %s", staging)
             self._remove_tree(staging)
@@ -392,6 +456,12 @@ class EmbeddedPostgres:
             self._pg_ctl("stop", staging, "-m", "fast", "-w")
         if self.pgdata.exists():
             self.pgdata.rmdir()  # empty, checked above
+        if self.relocated:
+            # The link first: a relocated cluster without one is an orphan (see _remove_orphan).
+            tmp_link = self.data_dir / ".postgres.link"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(self.pgdata, target_is_directory=True)
+            tmp_link.replace(self.link)
         staging.rename(self.pgdata)
 
     def _bootstrap_database(self, pgdata: Path) -> None:
@@ -551,14 +621,21 @@ class EmbeddedPostgres:
         entry = self._os_user_entry()
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
-    def _check_reachable(self, pgdata: Path) -> None:
-        """Fail clearly when the OS user cannot reach the cluster's directory."""
+    def _unreachable(self, path: Path) -> tuple[Path, os.stat_result] | None:
+        """The first existing parent of ``path`` the OS user cannot enter, with its stat.
+
+        None when this process is not root (the cluster then runs as this very
+        user) or when the OS user can enter every parent that exists.
+        """
         if os.geteuid() != 0:
-            return
+            return None
         entry = self._os_user_entry()
         groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        for directory in reversed(pgdata.parents):
-            st = directory.stat()
+        for directory in reversed(path.parents):
+            try:
+                st = directory.stat()
+            except FileNotFoundError:
+                return None  # made later by this process, with the umask's modes
             if entry.pw_uid == st.st_uid:
                 ok = bool(st.st_mode & stat.S_IXUSR)
             elif st.st_gid in groups:
@@ -566,13 +643,22 @@ class EmbeddedPostgres:
             else:
                 ok = bool(st.st_mode & stat.S_IXOTH)
             if not ok:
-                owner = pwd.getpwuid(st.st_uid).pw_name
-                group = grp.getgrgid(st.st_gid).gr_name
-                raise EmbeddedDatabaseError(
-                    f"the embedded database runs as the OS user {self.os_user!r}, which cannot "
-                    f"enter {directory} (mode {stat.S_IMODE(st.st_mode):04o}, {owner}:{group}): "
-                    f"choose a REVISIT_DATA_DIR outside it, or `chmod o+x {directory}`"
-                )
+                return directory, st
+        return None
+
+    def _check_reachable(self, pgdata: Path) -> None:
+        """Fail clearly when the OS user cannot reach the cluster's directory."""
+        found = self._unreachable(pgdata)
+        if found is None:
+            return
+        directory, st = found
+        owner = pwd.getpwuid(st.st_uid).pw_name
+        group = grp.getgrgid(st.st_gid).gr_name
+        raise EmbeddedDatabaseError(
+            f"the embedded database runs as the OS user {self.os_user!r}, which cannot "
+            f"enter {directory} (mode {stat.S_IMODE(st.st_mode):04o}, {owner}:{group}): "
+            f"choose a REVISIT_DATA_DIR outside it, or `chmod o+x {directory}`"
+        )
 
     def _remove_tree(self, path: Path) -> None:
         shutil.rmtree(path)

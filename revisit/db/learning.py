@@ -28,7 +28,7 @@ from revisit.errors import LearnerError
 
 log = logging.getLogger(__name__)
 
-# "revlearn" in ASCII; the migration lock (alembic/env.py) is "revisit".
+# "revlearn" in ASCII; the migration lock (revisit/db/migrations/env.py) is "revisit".
 LEARNER_LOCK_KEY = 0x7265766C6561726E
 """Key of the session-level advisory lock that one learner holds while it runs."""
 

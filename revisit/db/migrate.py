@@ -1,7 +1,9 @@
 """Schema migrations through Alembic, driven from Python.
 
-The migration scripts live in ``alembic/`` at the root of the source tree
-(revisit runs from a checkout, installed with ``pip install -e .``).
+The migration scripts ship inside the package (``revisit/db/migrations``), so
+an installed ``revisit`` (``pip install .``, a wheel) can create and upgrade its
+schema from any directory. ``alembic.ini`` at the root of a source checkout
+points plain ``alembic`` (``alembic revision --autogenerate``) at the same scripts.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ from sqlalchemy.engine import Connection, Engine
 
 from revisit.errors import MigrationError
 
-ROOT = Path(__file__).resolve().parents[2]
+#: The Alembic script directory: env.py, script.py.mako and versions/.
+SCRIPTS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic Config for revisit's migrations, bound to ``connection`` if given.
 
+    Built in code rather than read from an ini file, so that it works wherever
+    the package is installed.
+
     Raises:
-        MigrationError: The migration scripts are not where a source checkout has them.
+        MigrationError: The migration scripts are missing from the installed package.
     """
-    ini = ROOT / "alembic.ini"
-    if not ini.is_file() or not (ROOT / "alembic" / "env.py").is_file():
+    if not (SCRIPTS / "env.py").is_file() or not (SCRIPTS / "versions").is_dir():
         raise MigrationError(
-            f"migration scripts not found next to the package ({ROOT}/alembic): "
-            "install revisit from its source tree with `pip install -e .`"
+            f"revisit's migration scripts are missing from {SCRIPTS}: the package is "
+            "installed incompletely; reinstall it (`pip install --force-reinstall revisit`)"
         )
-    config = Config(str(ini))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPTS))
+    config.set_main_option("file_template", "%%(rev)s_%%(slug)s")
+    config.set_main_option("path_separator", "os")
     if connection is not None:
         config.attributes["connection"] = connection
     return config

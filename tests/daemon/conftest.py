@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,21 @@ class Daemon:
     Args:
         env: Its environment.
         args: Arguments after ``revisit run``.
+        command: The ``revisit`` command itself (another installation's, say).
+        cwd: The working directory it starts in.
     """
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        command: Sequence[str] = tuple(REVISIT),
+        cwd: Path | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [*REVISIT, "run", *args],
+            [*command, "run", *args],
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -142,7 +151,12 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        record = self.wait_for_message("health and metrics on", timeout=120)
+        def find() -> dict[str, Any] | None:
+            return next(
+                (r for r in self.records() if r.get("logger") == "revisit.daemon.health"), None
+            )
+
+        record = self.wait_for("the HTTP server's port", find, timeout=120)
         return f"http://127.0.0.1:{record['port']}"
 
     def get(self, path: str) -> tuple[int, str]:

@@ -188,11 +188,61 @@ def test_missing_postgis_names_the_package(data_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another OS user")
-def test_unreachable_data_dir_is_explained(tmp_path: Path) -> None:
+def test_unreachable_data_dir_gets_a_private_cluster_elsewhere() -> None:
+    # A checkout under /root (mode 0700): the postgres OS user cannot enter the
+    # data directory, so the cluster lives under the fallback root, linked from it.
     private = make_tempdir("revisit-private-")
     private.chmod(0o700)
+    fallback = make_tempdir("revisit-fallback-")
+    data_dir = private / "checkout" / "var"
+    postgres = pwd.getpwnam("postgres")
+    try:
+        cluster = EmbeddedPostgres(data_dir, fallback_root=fallback)
+        assert cluster.relocated and cluster.pgdata.is_relative_to(fallback)
+        with cluster:
+            _query(cluster, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+            link = data_dir / "postgres"
+            assert link.is_symlink() and link.resolve() == cluster.pgdata
+            home = cluster.pgdata.parent
+            assert stat.S_IMODE(home.stat().st_mode) == 0o700
+            assert home.stat().st_uid == postgres.pw_uid
+            assert cluster.socket_path.is_relative_to(home)  # the socket stays private
+            assert _query(cluster, "SHOW unix_socket_permissions") == "0700"
+        assert not cluster.is_running()
+
+        # The next process finds it through the link, data and all.
+        again = EmbeddedPostgres(data_dir, fallback_root=fallback)
+        assert again.pgdata == cluster.pgdata
+        with again:
+            assert _query(again, "SELECT x FROM kept") == 7
+
+        # The data directory deleted: its cluster is an orphan, removed, not adopted.
+        subprocess.run(["rm", "-rf", str(data_dir)], check=True)
+        fresh = EmbeddedPostgres(data_dir, fallback_root=fallback)
+        assert fresh.pgdata == cluster.pgdata
+        with fresh:
+            assert _query(fresh, "SELECT to_regclass('kept')") is None
+
+        # A kill between making the link and moving the cluster in leaves a dangling link.
+        subprocess.run(["rm", "-rf", str(fresh.pgdata.parent)], check=True)
+        dangling = EmbeddedPostgres(data_dir, fallback_root=fallback)
+        with dangling:
+            assert _query(dangling, "SELECT 1") == 1
+    finally:
+        for root in (private, fallback):
+            leftover = EmbeddedPostgres(data_dir, fallback_root=fallback)
+            if leftover.is_running():
+                leftover.stop()
+            subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another OS user")
+def test_an_existing_cluster_made_unreachable_is_explained(data_dir: Path) -> None:
+    with EmbeddedPostgres(data_dir):
+        pass
+    data_dir.parent.chmod(0o700)
     try:
         with pytest.raises(EmbeddedDatabaseError, match="cannot enter"):
-            EmbeddedPostgres(private / "var").acquire()
+            EmbeddedPostgres(data_dir).acquire()
     finally:
-        subprocess.run(["rm", "-rf", str(private)], check=False)
+        data_dir.parent.chmod(0o755)

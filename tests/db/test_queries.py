@@ -1,4 +1,4 @@
-"""The SQL interface: every query README.md documents runs as written, as revisit_reader."""
+"""The SQL interface: every query docs/sql.md documents runs as written, as revisit_reader."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ SQL_BLOCK = re.compile(r"```sql\n(.*?)```", re.DOTALL)
 
 
 def documented_queries() -> list[str]:
-    """The SQL blocks of README.md's 'Asking SQL questions' section."""
-    section = SECTION.search((REPO / "README.md").read_text())
-    assert section is not None, "README.md has no 'Asking SQL questions' section"
+    """The SQL blocks of docs/sql.md's 'Asking SQL questions' section."""
+    section = SECTION.search((REPO / "docs" / "sql.md").read_text())
+    assert section is not None, "docs/sql.md has no 'Asking SQL questions' section"
     return [q.strip() for q in SQL_BLOCK.findall(section.group(1))]
 
 
