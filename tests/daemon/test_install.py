@@ -34,12 +34,15 @@ def _service_env(cli_env: dict[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def _until_ready(daemon: Daemon) -> dict[str, object]:
+def _until_leading(daemon: Daemon) -> dict[str, object]:
+    """The /readyz body once the service is ready and leads (schedules jobs)."""
+
     def ready() -> dict[str, object] | None:
         status, body = daemon.get("/readyz")
-        return json.loads(body) if status == 200 else None
+        found = json.loads(body) if status == 200 else None
+        return found if found is not None and found["role"] == "leader" else None
 
-    found: dict[str, object] = daemon.wait_for("a 200 from /readyz", ready, timeout=180)
+    found: dict[str, object] = daemon.wait_for("a leader's 200 from /readyz", ready, timeout=180)
     return found
 
 
@@ -75,7 +78,7 @@ def test_a_clone_under_a_private_directory_runs(
     try:
         daemon = Daemon(env, command=[sys.executable, "-m", "revisit"], cwd=clone)
         daemons.append(daemon)
-        checks = _until_ready(daemon)["checks"]
+        checks = _until_leading(daemon)["checks"]
         assert isinstance(checks, dict) and checks["database"] == "ok"
         if os.geteuid() == 0:
             link = clone / "var" / "postgres"
@@ -160,7 +163,7 @@ def _check_installed(
     assert head_revision() in revisit("db", "current").stdout
     daemon = Daemon(env, command=[str(bin_dir / "revisit")], cwd=cwd)
     daemons.append(daemon)
-    assert _until_ready(daemon)["role"] == "leader"
+    assert _until_leading(daemon)["checks"]["database"] == "ok"  # type: ignore[index]
     daemon.stop()
     assert daemon.proc.returncode == 0, daemon.log_text()[-4000:]
 
