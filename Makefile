@@ -1,6 +1,6 @@
 # revisit: `make run` starts the service, `make test` runs the default test suite.
-# Both set up everything they need first (PostGIS via apt, .venv, the package)
-# and install nothing on a second run.
+# Both set up everything they need first (PostGIS via apt, .venv, the package;
+# for `make test` also Chromium) and install nothing on a second run.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,16 +8,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.revisit-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all lint bench setup postgis clean
+.PHONY: run test test-all lint bench setup postgis browser clean
 
 run: setup
 	$(BIN)/revisit run
 
-test: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+# The tests also drive the web map in a headless Chromium; the ten slowest are listed.
+test: setup browser
+	$(BIN)/pytest --durations=10 $(PYTEST_ARGS)
 
-test-all: setup
-	$(BIN)/pytest -m "" $(PYTEST_ARGS)
+test-all: setup browser
+	$(BIN)/pytest -m "" --durations=10 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check revisit tests bench
@@ -28,6 +29,9 @@ setup: postgis $(STAMP)
 
 postgis:
 	@bash scripts/ensure-postgis.sh
+
+browser:
+	@bash scripts/ensure-chromium.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,12 +1,16 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` over HTTP on 127.0.0.1.
+"""``/healthz``, ``/readyz``, ``/metrics`` and the web map over HTTP on 127.0.0.1.
 
 - ``/healthz``: 200 while the process serves at all (liveness).
 - ``/readyz``: 200 when every readiness check passes, 503 otherwise; the body
   is a JSON object with the role (``leader`` or ``standby``) and each check.
 - ``/metrics``: the Prometheus text format of the daemon's own registry.
+- ``/``, ``/static/...``, ``/api/...``: the web map of the change estimates and
+  its read-only JSON endpoints, answered by :class:`revisit.web.api.WebApp`
+  from the database behind ``engine`` (503 on ``/api`` without one); see
+  docs/web-map.md.
 
-The server runs on a daemon thread and never binds anything but the loopback
-address.
+Only GET and HEAD are answered (405 otherwise). The server runs on a daemon
+thread and never binds anything but the loopback address.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
 from revisit.daemon.metrics import Metrics
 from revisit.errors import RevisitError
+from revisit.web.api import WebApp
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,22 @@ class HealthServer:
         port: The TCP port on 127.0.0.1; 0 picks a free one (see :attr:`port`).
         metrics: What ``/metrics`` serves.
         readiness: What ``/readyz`` asks.
+        engine: The database the web map reads; None serves the page but
+            answers its ``/api`` paths with 503.
     """
 
-    def __init__(self, *, port: int, metrics: Metrics, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        *,
+        port: int,
+        metrics: Metrics,
+        readiness: Readiness,
+        engine: Engine | None = None,
+    ) -> None:
         self._requested_port = port
         self.metrics = metrics
         self.readiness = readiness
+        self.web = WebApp(engine=engine)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -83,7 +100,7 @@ class HealthServer:
             target=server.serve_forever, name="revisit-health", daemon=True
         )
         self._thread.start()
-        log.info("health and metrics on %s", self.url, extra={"port": self.port})
+        log.info("health, metrics and the web map on %s", self.url, extra={"port": self.port})
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
@@ -108,27 +125,70 @@ def _handler(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
         server_version = "revisit"
 
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            self._answer(send_body=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(send_body=False)
+
+        def _refuse(self) -> None:
+            self._reply(
+                405,
+                b"only GET and HEAD are answered here\n",
+                "text/plain; charset=utf-8",
+                headers=(("Allow", "GET, HEAD"),),
+            )
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+        def _answer(self, *, send_body: bool) -> None:
+            path, _, query = self.path.partition("?")
             if path == "/healthz":
-                self._reply(200, b"ok\n", "text/plain; charset=utf-8")
+                self._reply(200, b"ok\n", "text/plain; charset=utf-8", send_body=send_body)
             elif path == "/readyz":
                 try:
                     ready, details = owner.readiness()
                 except Exception as exc:  # a failing check means not ready, never a crash
                     ready, details = False, {"error": f"{type(exc).__name__}: {exc}"}
                 body = json.dumps({"ready": ready, **details}, default=str).encode() + b"\n"
-                self._reply(200 if ready else 503, body, "application/json")
+                self._reply(200 if ready else 503, body, "application/json", send_body=send_body)
             elif path == "/metrics":
-                self._reply(200, owner.metrics.render(), owner.metrics.content_type)
+                self._reply(
+                    200, owner.metrics.render(), owner.metrics.content_type, send_body=send_body
+                )
+            elif WebApp.handles(path):
+                answer = owner.web.respond(path=path, query=query, host=self.headers.get("Host"))
+                self._reply(
+                    answer.status,
+                    answer.body,
+                    answer.content_type,
+                    headers=answer.headers,
+                    send_body=send_body,
+                )
             else:
-                self._reply(404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain")
+                self._reply(
+                    404,
+                    b"not found: try / (the map), /healthz, /readyz or /metrics\n",
+                    "text/plain; charset=utf-8",
+                    send_body=send_body,
+                )
 
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        def _reply(
+            self,
+            status: int,
+            body: bytes,
+            content_type: str,
+            *,
+            headers: tuple[tuple[str, str], ...] = (),
+            send_body: bool = True,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if send_body:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http: " + format, *args)

@@ -4,7 +4,8 @@
 
 1. open the database (starting the embedded cluster when no URL is set) and
    migrate it;
-2. serve ``/healthz``, ``/readyz`` and ``/metrics`` on 127.0.0.1;
+2. serve ``/healthz``, ``/readyz``, ``/metrics`` and the web map of the
+   change estimates (``/``, docs/web-map.md) on 127.0.0.1;
 3. wait as a standby until this process holds the leader lock (at once when
    no other ``revisit run`` leads this database);
 4. as leader: add the bootstrap AOI to an empty database, start the scheduler
@@ -159,7 +160,10 @@ def run_service(
         role = _Role(db=db, settings=settings)
         lock = LeaderLock(db.engine)
         with HealthServer(
-            port=settings.daemon.http_port, metrics=metrics, readiness=role.readiness
+            port=settings.daemon.http_port,
+            metrics=metrics,
+            readiness=role.readiness,
+            engine=db.engine,
         ):
             log.info("revisit is running; send SIGINT or SIGTERM to stop")
             try:

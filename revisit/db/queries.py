@@ -33,6 +33,8 @@ def changed_locations(
     since: datetime | None = None,
     changed_only: bool = True,
     limit: int | None = None,
+    offset: int = 0,
+    location_id: int | None = None,
 ) -> list[ChangedLocation]:
     """Locations with a change estimate, most changed first.
 
@@ -43,7 +45,18 @@ def changed_locations(
         since: Only locations that became changed at or after this time.
         changed_only: Only locations the change mixture classifies as changed.
         limit: At most this many rows.
+        offset: Skip this many rows first. The order (r descending, then location
+            id) is total, so pages of ``limit`` rows at offsets 0, limit, 2·limit…
+            list every row once while the estimates do not change in between.
+        location_id: Only this location.
+
+    Raises:
+        ValueError: ``limit`` below 0 or ``offset`` below 0.
     """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be at least 0, not {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be at least 0, not {offset}")
     where = ["c.measured"]
     params: dict[str, object] = {}
     if bbox is not None:
@@ -58,6 +71,9 @@ def changed_locations(
     if since is not None:
         where.append("c.changed_since >= :since")
         params["since"] = since
+    if location_id is not None:
+        where.append("c.location_id = :location_id")
+        params["location_id"] = location_id
     if changed_only:
         where.append("c.changed")
     query = (
@@ -69,6 +85,9 @@ def changed_locations(
     if limit is not None:
         query += " LIMIT :limit"
         params["limit"] = limit
+    if offset:
+        query += " OFFSET :offset"
+        params["offset"] = offset
     return [
         ChangedLocation(
             location_id=int(r[0]),
@@ -85,3 +104,138 @@ def changed_locations(
         )
         for r in conn.execute(sa.text(query), params)
     ]
+
+
+@dataclass(frozen=True)
+class ChangeEventPoint:
+    """One measurement of R for a location (a ``change_event`` row)."""
+
+    step: int
+    #: R of this update.
+    ratio: float
+    #: r after it.
+    ratio_ema: float
+    long_dist: float
+    short_dist: float
+    season_gap_days: float | None
+    denominator: str | None
+    #: When the query image (t0) and the long-term image were acquired, if known.
+    query_acquired_at: datetime | None
+    longterm_acquired_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LocationHistory:
+    """A location, its current change estimate (if measured) and every measurement behind it."""
+
+    location_id: int
+    lon: float
+    lat: float
+    aoi_name: str | None
+    #: Why there is no estimate yet (``v_change.unmeasured_reason``); None when measured.
+    unmeasured_reason: str | None
+    estimate: ChangedLocation | None
+    events: list[ChangeEventPoint]
+
+
+def location_history(conn: Connection, location_id: int) -> LocationHistory | None:
+    """A location's change estimate and its history of R and r, oldest step first.
+
+    Returns:
+        None when no location has that id.
+    """
+    place = conn.execute(
+        sa.text(
+            "SELECT ST_X(c.geom), ST_Y(c.geom), c.aoi_name, c.measured, c.unmeasured_reason"
+            " FROM v_change c WHERE c.location_id = :id"
+        ),
+        {"id": location_id},
+    ).first()
+    if place is None:
+        return None
+    estimate = None
+    if place[3]:
+        matches = changed_locations(conn, location_id=location_id, changed_only=False)
+        estimate = matches[0] if matches else None
+    events = [
+        ChangeEventPoint(
+            step=int(r[0]),
+            ratio=float(r[1]),
+            ratio_ema=float(r[2]),
+            long_dist=float(r[3]),
+            short_dist=float(r[4]),
+            season_gap_days=None if r[5] is None else float(r[5]),
+            denominator=r[6],
+            query_acquired_at=r[7],
+            longterm_acquired_at=r[8],
+            created_at=r[9],
+        )
+        for r in conn.execute(
+            sa.text(
+                "SELECT ev.step, ev.ratio, ev.ratio_ema, ev.long_dist, ev.short_dist,"
+                " ev.season_gap_days, ev.denominator, q.acquired_at, lt.acquired_at,"
+                " ev.created_at"
+                " FROM change_event ev"
+                " LEFT JOIN observation q ON q.id = ev.query_observation_id"
+                " LEFT JOIN observation lt ON lt.id = ev.longterm_observation_id"
+                " WHERE ev.location_id = :id ORDER BY ev.step, ev.id"
+            ),
+            {"id": location_id},
+        )
+    ]
+    return LocationHistory(
+        location_id=location_id,
+        lon=float(place[0]),
+        lat=float(place[1]),
+        aoi_name=place[2],
+        unmeasured_reason=None if place[3] else place[4],
+        estimate=estimate,
+        events=events,
+    )
+
+
+@dataclass(frozen=True)
+class AoiOutline:
+    """An AOI's polygon (as GeoJSON geometry text) and what its locations say."""
+
+    aoi_id: int
+    name: str
+    geojson: str
+    locations: int
+    changed: int
+    mean_ratio: float | None
+    updated_at: datetime | None
+
+
+def aoi_outlines(conn: Connection) -> list[AoiOutline]:
+    """Every AOI with its polygon and counts of its measured and changed locations, by name."""
+    return [
+        AoiOutline(
+            aoi_id=int(r[0]),
+            name=str(r[1]),
+            geojson=str(r[2]),
+            locations=int(r[3]),
+            changed=int(r[4]),
+            mean_ratio=None if r[5] is None else float(r[5]),
+            updated_at=r[6],
+        )
+        for r in conn.execute(
+            sa.text(
+                "SELECT aoi_id, aoi_name, ST_AsGeoJSON(geom, 7), locations, changed,"
+                " mean_ratio, updated_at FROM v_aoi_change ORDER BY aoi_name"
+            )
+        )
+    ]
+
+
+def location_extent(conn: Connection) -> list[float] | None:
+    """[minlon, minlat, maxlon, maxlat] of every location with an estimate; None without any."""
+    row = conn.execute(
+        sa.text(
+            "SELECT ST_XMin(b), ST_YMin(b), ST_XMax(b), ST_YMax(b) FROM"
+            " (SELECT ST_Extent(l.geom) AS b FROM change_estimate e"
+            " JOIN location l ON l.id = e.location_id) AS extent"
+        )
+    ).one()
+    return None if row[0] is None else [float(v) for v in row]

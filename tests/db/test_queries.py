@@ -146,6 +146,20 @@ def test_changed_locations_filters(seeded: sa.Engine) -> None:
     assert len(in_aoi) == 3
 
 
+def test_changed_locations_pages_by_offset(seeded: sa.Engine) -> None:
+    with seeded.connect() as conn:
+        everything = changed_locations(conn, changed_only=False)
+        pages = [
+            changed_locations(conn, changed_only=False, limit=30, offset=o) for o in (0, 30, 60)
+        ]
+        one = changed_locations(conn, changed_only=False, location_id=everything[5].location_id)
+        with pytest.raises(ValueError, match="offset must be at least 0"):
+            changed_locations(conn, offset=-1)
+    assert [len(p) for p in pages] == [30, 30, 20]
+    assert [r.location_id for p in pages for r in p] == [r.location_id for r in everything]
+    assert one == [everything[5]]
+
+
 @pytest.fixture
 def reader_login(engine: sa.Engine) -> Iterator[str]:
     name = "analyst_" + make_url(engine.url).database.removeprefix("t_")[:8]  # type: ignore[union-attr]
