@@ -28,8 +28,8 @@ from revisit.db.copy import copy_rows
 from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.locations import insert_locations
 from revisit.db.migrate import upgrade
+from revisit.grid import chip_grid_for
 from revisit.ingest.chips import ChipStore
-from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.pipeline import IngestPipeline
 from revisit.ingest.simworld.render import world_for
 from revisit.ingest.sources.simulated import SimulatedSource

@@ -39,7 +39,7 @@ from rasterio.windows import Window
 
 from revisit.export.pairmap import read_canonical, reproject_onto
 from revisit.fsutil import write_bytes_atomic
-from revisit.ingest.grid import ChipGrid, chip_grid_for
+from revisit.grid import ChipGrid, chip_grid_for
 from revisit.ingest.simworld import landcover, orbit
 from revisit.ingest.simworld.render import render_chip, world_for
 from revisit.ingest.sources.rasters import (

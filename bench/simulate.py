@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta  # noqa: E402
 import numpy as np  # noqa: E402
 from shapely.geometry import MultiPoint  # noqa: E402
 
-from revisit.ingest.grid import chip_grid_for  # noqa: E402
+from revisit.grid import chip_grid_for  # noqa: E402
 from revisit.ingest.sources.simulated import SimulatedSource  # noqa: E402
 from revisit.types import Chip, LocationRef  # noqa: E402
 

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from shapely.geometry.base import BaseGeometry
 
-from revisit.ingest.grid import ChipGrid
+from revisit.grid import ChipGrid
 
 #: The 12 bands common to L1C and L2A, in the order every chip stores them (B10 dropped).
 CANONICAL_BANDS: tuple[str, ...] = (
@@ -91,7 +91,7 @@ class Rejection:
 
     Attributes:
         location_id: The location whose chip was rejected (None: the whole scene).
-        reason: A short code from :data:`revisit.ingest.errors.REASONS`.
+        reason: A short code from :data:`revisit.ingest.reasons.REASONS`.
         detail: One line for a person: what was wrong, with the ids involved.
     """
 

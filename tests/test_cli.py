@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from revisit.cli import parse_duration
+from revisit.cli._common import parse_duration
 from revisit.db.embedded import EmbeddedPostgres
 from tests.conftest import make_tempdir
 

@@ -11,7 +11,7 @@ from shapely.geometry.base import BaseGeometry
 from sqlalchemy.engine import Connection
 
 from revisit.db.copy import copy_rows
-from revisit.ingest.grid import chip_grid_for
+from revisit.grid import chip_grid_for
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from revisit.config import IngestSettings
 from revisit.db import aois, cursors, ingest_tasks, locations, quarantine, scenes, simtruth
 from revisit.errors import ChipStoreFullError, IngestError, SceneRejectedError, TransientError
+from revisit.grid import chip_grid_for
 from revisit.ingest import reasons
 from revisit.ingest.chips import ChipStore, StoredChip
-from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.sources.base import SceneSource
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRef
 

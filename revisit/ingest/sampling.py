@@ -29,7 +29,7 @@ from pyproj import Transformer
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from revisit.ingest.grid import utm_epsg
+from revisit.grid import utm_epsg
 
 METRES_PER_DEGREE = 111_320.0
 """Metres per degree of latitude (and of longitude at the equator), as CACo converts offsets."""

@@ -26,8 +26,8 @@ from shapely.geometry.base import BaseGeometry
 
 from revisit.config import load_settings
 from revisit.errors import ConfigError, SceneRejectedError
+from revisit.grid import ChipGrid, chip_grid_for
 from revisit.ingest import reasons
-from revisit.ingest.grid import ChipGrid, chip_grid_for
 from revisit.ingest.sources.local import LocalSource, product_footprint
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRef
 

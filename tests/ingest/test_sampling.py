@@ -13,7 +13,7 @@ from pyproj import Geod, Transformer
 from shapely import contains_xy
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
-from revisit.ingest.grid import utm_epsg
+from revisit.grid import utm_epsg
 from revisit.ingest.sampling import _cities, _offset, grid_in_polygon, sample_locations
 
 GEOD = Geod(ellps="WGS84")

@@ -22,8 +22,8 @@ from revisit.errors import (
     SceneRejectedError,
     SourceUnavailableError,
 )
+from revisit.grid import chip_grid_for
 from revisit.ingest import reasons
-from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.sources import build_source
 from revisit.ingest.sources.sentinelhub import RetryPolicy, SentinelHubSource, evalscript
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection, SceneRef

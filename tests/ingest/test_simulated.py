@@ -14,8 +14,8 @@ from shapely.geometry import MultiPoint, Point, box
 
 from revisit.config import Settings
 from revisit.errors import SceneRejectedError
+from revisit.grid import chip_grid_for
 from revisit.ingest import reasons
-from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.simworld import draw_profile, render_chip, world_for
 from revisit.ingest.simworld import landcover as lc
 from revisit.ingest.simworld.events import KINDS

@@ -38,8 +38,8 @@ from revisit.config import IngestSettings
 from revisit.db import aois, cursors
 from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.locations import insert_locations
+from revisit.grid import chip_grid_for
 from revisit.ingest.chips import TMP_SUFFIX, ChipStore, encode
-from revisit.ingest.grid import chip_grid_for
 from revisit.ingest.pipeline import IngestPipeline
 from revisit.ingest.sources.sentinelhub import RetryPolicy, SentinelHubSource
 from revisit.types import Chip, LocationRef

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
-from revisit.ingest.grid import ChipGrid
+from revisit.grid import ChipGrid
 from revisit.ingest.simworld import atmosphere as atm
 from revisit.ingest.simworld import landcover as lc
 from revisit.ingest.simworld import layout as lay

@@ -35,8 +35,8 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import transform as shapely_transform
 
 from revisit.errors import SceneRejectedError
+from revisit.grid import ChipGrid
 from revisit.ingest import reasons
-from revisit.ingest.grid import ChipGrid
 from revisit.types import Level
 
 ProductKind = Literal["safe", "band-folder", "multiband"]

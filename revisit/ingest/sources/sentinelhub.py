@@ -73,9 +73,9 @@ from revisit.errors import (
     SceneRejectedError,
     SourceUnavailableError,
 )
+from revisit.grid import ChipGrid
 from revisit.ingest import reasons
 from revisit.ingest.cloud import cloud_fraction, scl_cloud_mask, valid_fraction
-from revisit.ingest.grid import ChipGrid
 from revisit.ingest.sources.base import OnRejected, SceneSource
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
 
