@@ -13,7 +13,7 @@ import contextvars
 import tomllib
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import (
@@ -165,10 +165,15 @@ class SentinelHubSettings(_Section):
         return value
 
 
+#: The learner's training methods (``learner.method``); revisit.learner.trainer implements them.
+LearnerMethod = Literal["moco", "tp", "geo-tp", "seco", "teco", "caco"]
+LEARNER_METHODS: tuple[str, ...] = get_args(LearnerMethod)
+
+
 class LearnerSettings(_Section):
     """The online learner (DESIGN §4): method, model, tuple mining and the change estimate."""
 
-    method: Literal["moco", "tp", "geo-tp", "seco", "teco", "caco"] = Field(
+    method: LearnerMethod = Field(
         default="caco",
         description="Training method; ``caco`` is change-aware contrastive learning.",
     )

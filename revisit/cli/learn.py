@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from revisit.cli._common import State, get_settings, stdout
-from revisit.config import Settings
+from revisit.config import LEARNER_METHODS, Settings
 
 DEFAULT_LEARN_STEPS = 1000
 
@@ -96,6 +96,12 @@ def learn(
     --nproc N (or as a rank of torchrun) N processes train one model; rank 0
     writes to the database and prints the summary.
     """
+    # Checked before the imports of torch and the learner, which take seconds.
+    if method is not None and method not in LEARNER_METHODS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(LEARNER_METHODS)}", param_hint="--method"
+        )
+
     import signal
     import threading
 
@@ -105,11 +111,8 @@ def learn(
     from revisit.db.migrate import upgrade
     from revisit.learner.distributed import Distributed, launched
     from revisit.learner.online import OnlineLearner, StepReport
-    from revisit.learner.trainer import METHODS
 
     settings = get_settings(ctx)
-    if method is not None and method not in METHODS:
-        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     if init_from is not None and not new_model:
         raise typer.BadParameter("needs --new-model", param_hint="--init-from")
     if forever and (steps is not None or minutes is not None):

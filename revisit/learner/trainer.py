@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from revisit.config import LearnerSettings
+from revisit.config import LearnerMethod, LearnerSettings
 from revisit.learner.augment import Augment, policy_augment
 from revisit.learner.change import change_ratio
 from revisit.learner.distributed import Distributed
@@ -61,7 +61,7 @@ from revisit.learner.losses import (
     seco_loss,
 )
 
-Method = Literal["moco", "tp", "geo-tp", "seco", "teco", "caco"]
+Method = LearnerMethod
 METHODS: tuple[str, ...] = get_args(Method)
 
 _CACO_MODE: dict[str, CACoMode] = {

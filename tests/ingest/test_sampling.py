@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,25 @@ from shapely import contains_xy
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from revisit.grid import utm_epsg
-from revisit.ingest.sampling import _cities, _offset, grid_in_polygon, sample_locations
+from revisit.ingest.sampling import (
+    LandMask,
+    _cities,
+    _offset,
+    grid_in_polygon,
+    sample_locations,
+)
+
+
+@functools.cache
+def _land_mask() -> LandMask:
+    return LandMask.load()
+
+
+def sample(n: int, **kwargs: Any) -> list[tuple[float, float]]:
+    """``sample_locations`` with the land mask read once for the module, not per call
+    (reading it takes seconds); a few tests call ``sample_locations`` itself."""
+    return sample_locations(n, land_mask=_land_mask(), **kwargs)
+
 
 GEOD = Geod(ellps="WGS84")
 SPACING = 20_000.0  # large enough that the spacing rule bites around big cities
@@ -40,12 +60,12 @@ def min_pairwise_m(points: Points) -> float:
 
 @pytest.fixture(scope="module")
 def spaced() -> Points:
-    return sample_locations(400, seed=7, min_spacing_m=SPACING)
+    return sample(400, seed=7, min_spacing_m=SPACING)
 
 
 @pytest.fixture(scope="module")
 def default_sample() -> Points:
-    return sample_locations(1000, seed=3)
+    return sample(1000, seed=3)
 
 
 def test_returns_n_valid_lonlat(default_sample: Points) -> None:
@@ -66,7 +86,7 @@ def test_no_point_in_the_ocean(default_sample: Points, spaced: Points) -> None:
 def test_spacing_holds_pairwise(spaced: Points) -> None:
     assert min_pairwise_m(spaced) >= SPACING
     # The rule does bite: without it the same draw puts points closer together.
-    unspaced = sample_locations(400, seed=7, min_spacing_m=0.0)
+    unspaced = sample(400, seed=7, min_spacing_m=0.0)
     assert min_pairwise_m(unspaced) < SPACING
 
 
@@ -76,20 +96,20 @@ def test_default_spacing_is_one_chip(default_sample: Points) -> None:
 
 def test_same_seed_same_points_and_different_seeds_differ(default_sample: Points) -> None:
     assert sample_locations(1000, seed=3) == default_sample
-    other = sample_locations(1000, seed=4)
+    other = sample(1000, seed=4)
     assert len(set(other) & set(default_sample)) == 0
 
 
 def test_larger_n_extends_smaller_n(default_sample: Points) -> None:
-    assert sample_locations(250, seed=3) == default_sample[:250]
+    assert sample(250, seed=3) == default_sample[:250]
 
 
 def test_existing_locations_are_kept_apart(spaced: Points) -> None:
-    new = sample_locations(300, seed=8, min_spacing_m=SPACING, existing=spaced)
+    new = sample(300, seed=8, min_spacing_m=SPACING, existing=spaced)
     assert pairwise_geodesic_m(new, spaced).min() >= SPACING
     assert min_pairwise_m(new) >= SPACING
     # Without them, the same seed lands next to some of them.
-    free = sample_locations(300, seed=8, min_spacing_m=SPACING)
+    free = sample(300, seed=8, min_spacing_m=SPACING)
     assert pairwise_geodesic_m(free, spaced).min() < SPACING
 
 
@@ -114,15 +134,15 @@ def test_concentrated_near_cities(default_sample: Points) -> None:
 
 def test_sigma_sets_the_spread() -> None:
     # With sigma 0 every point is a city centre; with sigma 50 km, few are.
-    at_cities = sample_locations(50, seed=1, sigma_m=0.0, min_spacing_m=0.0)
+    at_cities = sample(50, seed=1, sigma_m=0.0, min_spacing_m=0.0)
     assert (nearest_city_km(at_cities) < 0.01).all()
-    spread = sample_locations(50, seed=1, min_spacing_m=0.0)
+    spread = sample(50, seed=1, min_spacing_m=0.0)
     assert (nearest_city_km(spread) > 1.0).mean() > 0.8
 
 
 def test_impossible_request_raises() -> None:
     with pytest.raises(ValueError, match=r"placed only \d+ of 100 locations"):
-        sample_locations(100, seed=0, min_spacing_m=3_000_000.0)
+        sample(100, seed=0, min_spacing_m=3_000_000.0)
     with pytest.raises(ValueError, match="in 5 tries"):
         sample_locations(10, seed=0, max_tries=5)
 
@@ -148,7 +168,7 @@ def test_bad_arguments_raise(kwargs: dict[str, object], message: str) -> None:
 
 
 def test_zero_points() -> None:
-    assert sample_locations(0, seed=0) == []
+    assert sample(0, seed=0) == []
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -162,7 +182,7 @@ def test_any_request_gives_spaced_land_points(
     seed: int, n: int, spacing: float, sigma: float
 ) -> None:
     try:
-        points = sample_locations(n, seed=seed, min_spacing_m=spacing, sigma_m=sigma)
+        points = sample(n, seed=seed, min_spacing_m=spacing, sigma_m=sigma)
     except ValueError as exc:
         assert "placed only" in str(exc)
         return

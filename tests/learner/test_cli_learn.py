@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -49,6 +50,7 @@ def test_learn_trains_and_prints_a_summary(
     cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path
 ) -> None:
     env = _env(cli_env, world_url, learn_world, tmp_path / "var")
+    env["REVISIT_EXPORT__DENSE_MODEL"] = "false"  # its export is the slow variant's
     done = _learn(env, "--steps", "4", "--method", "teco")
     assert done.returncode == 0, done.stderr
     assert "teco" in done.stdout and "last step" in done.stdout
@@ -59,42 +61,45 @@ def test_learn_trains_and_prints_a_summary(
     assert bad.returncode == 2 and "--method" in bad.stderr
     # What it learned goes out as a map.
     out = tmp_path / "map.geojson"
-    exported = subprocess.run(
-        [*REVISIT, "export", "changemap", "--bbox", "2,48,3,49", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    exported = _revisit(env, "export", "changemap", "--bbox", "2,48,3,49", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
     assert '"FeatureCollection"' in out.read_text()
     # And the encoder as ONNX, with its manifest.
-    published = subprocess.run(
-        [*REVISIT, "export", "onnx"], env=env, capture_output=True, text=True, timeout=300
-    )
+    published = _revisit(env, "export", "onnx")
     assert published.returncode == 0, published.stderr
     assert "parity" in published.stdout
-    assert (tmp_path / "var" / "exports" / "onnx" / "latest.json").is_file()
-    # The published model maps a real image pair, when the shared data is here.
+    latest = json.loads((tmp_path / "var" / "exports" / "onnx" / "latest.json").read_text())
+    assert {"features", "embedding"} <= set(latest["files"])
+
+
+@pytest.mark.slow
+def test_what_learn_publishes_maps_a_real_image_pair(
+    cli_env: dict[str, str], world_url: str, learn_world: LearnWorld, tmp_path: Path
+) -> None:
+    # The whole chain on the command line: learn, publish (the dense model too), map
+    # a real OSCD pair with it.
     bercy = SHARED_DATA / "oscd" / "images" / "bercy"
-    if bercy.is_dir():
-        args = ["pair", str(bercy / "imgs_1"), str(bercy / "imgs_2"), "--stride", "32"]
-        pair = subprocess.run(
-            [*REVISIT, "changemap", *args, "--out", str(tmp_path / "bercy.tif")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert pair.returncode == 0, pair.stderr
-        assert "hypercolumn" in pair.stdout  # export.pair_scoring's default
-        with rasterio.open(tmp_path / "bercy.tif") as ds:
-            assert ds.tags()["scoring"] == "hypercolumn"
-            assert ds.tags()["model"].endswith(".dense.onnx")
-            assert ds.descriptions == ("hypercolumn_distance",)
-        with rasterio.open(tmp_path / "bercy.mask.tif") as ds:
-            assert ds.nodata == 255 and ds.tags()["threshold_method"] == "triangle"
-        assert '"FeatureCollection"' in (tmp_path / "bercy.geojson").read_text()
+    if not bercy.is_dir():
+        pytest.skip(f"the OSCD images are not here ({bercy})")
+    env = _env(cli_env, world_url, learn_world, tmp_path / "var")
+    assert _learn(env, "--steps", "4").returncode == 0
+    published = _revisit(env, "export", "onnx")
+    assert published.returncode == 0, published.stderr
+    args = ["pair", str(bercy / "imgs_1"), str(bercy / "imgs_2"), "--stride", "32"]
+    pair = _revisit(env, "changemap", *args, "--out", str(tmp_path / "bercy.tif"))
+    assert pair.returncode == 0, pair.stderr
+    assert "hypercolumn" in pair.stdout  # export.pair_scoring's default
+    with rasterio.open(tmp_path / "bercy.tif") as ds:
+        assert ds.tags()["scoring"] == "hypercolumn"
+        assert ds.tags()["model"].endswith(".dense.onnx")
+        assert ds.descriptions == ("hypercolumn_distance",)
+    with rasterio.open(tmp_path / "bercy.mask.tif") as ds:
+        assert ds.nodata == 255 and ds.tags()["threshold_method"] == "triangle"
+    assert '"FeatureCollection"' in (tmp_path / "bercy.geojson").read_text()
+
+
+def _revisit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*REVISIT, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def _summary(stdout: str) -> dict[str, str]:
