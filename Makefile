@@ -7,6 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.revisit-installed
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist workers (each with its own PostgreSQL cluster).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: run test test-all lint bench setup postgis browser clean
 
@@ -15,10 +18,10 @@ run: setup
 
 # The tests also drive the web map in a headless Chromium; the ten slowest are listed.
 test: setup browser
-	$(BIN)/pytest --durations=10 $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) --durations=10 $(PYTEST_ARGS)
 
 test-all: setup browser
-	$(BIN)/pytest -m "" --durations=10 $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) -m "" --durations=10 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check revisit tests bench

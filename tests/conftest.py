@@ -30,6 +30,17 @@ from revisit.db.embedded import EmbeddedPostgres
 from revisit.db.engine import Database
 from revisit.db.migrate import upgrade
 
+# Under pytest-xdist (`make test`: two workers on a machine of about two cores), one
+# OpenMP/BLAS thread per process unless a test asks for more: with more threads than
+# cores, OpenMP's spinning workers slow the other worker's tests several-fold. Set
+# before anything imports numpy or torch; the CLI's subprocesses inherit it.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+#: REVISIT_LEARNER__THREADS for the tests' learners: the cores this process may use.
+TORCH_THREADS = "1" if XDIST_WORKER else "2"
+
 # Reproducible on CI (the same examples every run), exploratory on a developer's machine.
 hypothesis.settings.register_profile(
     "revisit", deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True
@@ -50,6 +61,22 @@ def load_bench(name: str) -> ModuleType:
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs two workers).
+
+    A module's tests stay on one worker, so its module fixtures are made once;
+    so do all the tests of the export tests' trained world, whose training and
+    publishing is the most expensive session fixture (about 40 s).
+    """
+    for item in items:
+        if "trained_world" in getattr(item, "fixturenames", ()):
+            group = "trained-world"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 TEMPLATE = "revisit_test_template"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from revisit.db.embedded import EmbeddedPostgres
-from tests.conftest import make_tempdir
+from tests.conftest import TORCH_THREADS, make_tempdir
 
 REVISIT = [sys.executable, "-m", "revisit.cli"]
 
@@ -43,7 +43,7 @@ SMALL_WORLD = {
     "REVISIT_LEARNER__REFIT_EVERY": "4",
     "REVISIT_LEARNER__CHECKPOINT_EVERY": "5",
     "REVISIT_LEARNER__REFRESH_EVERY": "5",
-    "REVISIT_LEARNER__THREADS": "2",
+    "REVISIT_LEARNER__THREADS": TORCH_THREADS,
     "REVISIT_EXPORT__PARITY_CHIPS": "2",
     "REVISIT_EXPORT__DENSE_MODEL": "false",  # the daemon tests need no pair maps
 }

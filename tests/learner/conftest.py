@@ -24,7 +24,14 @@ from revisit.db.locations import insert_locations
 from revisit.ingest.chips import ChipStore
 from revisit.ingest.pipeline import IngestPipeline
 from revisit.ingest.sources.simulated import SimulatedSource
-from tests.conftest import TEMPLATE, _create_database, _drop_database, make_tempdir, url_of
+from tests.conftest import (
+    TEMPLATE,
+    TORCH_THREADS,
+    _create_database,
+    _drop_database,
+    make_tempdir,
+    url_of,
+)
 
 WORLD_POINTS = [  # one simulated tile, so the session's ingest stays short
     (2.10, 48.10),
@@ -102,7 +109,7 @@ def learner_settings(url: str, data_dir: Path, **learner: object) -> Settings:
         "refresh_every": 5,
         "geo_clusters": 4,
         "prefetch": 2,
-        "threads": 2,
+        "threads": int(TORCH_THREADS),
     }
     base.update(learner)
     return load_settings(database_url=url, data_dir=data_dir, learner=base)

@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import sqlalchemy as sa
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, TORCH_THREADS
 from tests.learner.conftest import LearnWorld
 
 REVISIT = [sys.executable, "-m", "revisit.cli"]
@@ -34,7 +34,7 @@ def _env(cli_env: dict[str, str], url: str, world: LearnWorld, data_dir: Path) -
             "REVISIT_LEARNER__WARMUP_STEPS": "4",
             "REVISIT_LEARNER__REFIT_EVERY": "4",
             "REVISIT_LEARNER__CHECKPOINT_EVERY": "3",
-            "REVISIT_LEARNER__THREADS": "2",
+            "REVISIT_LEARNER__THREADS": TORCH_THREADS,
         }
     )
     return env
