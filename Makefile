@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.revisit-installed
 PYTEST_ARGS ?=
 # The suite runs on this many pytest-xdist workers (each with its own PostgreSQL cluster).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: run test test-all lint bench setup postgis browser clean
 

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import hypothesis
 import psycopg
@@ -63,20 +64,25 @@ def load_bench(name: str) -> ModuleType:
     return sys.modules[key]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs two workers).
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (``make test``), with the export tests as one unit of work.
 
-    A module's tests stay on one worker, so its module fixtures are made once;
-    so do all the tests of the export tests' trained world, whose training and
-    publishing is the most expensive session fixture (about 40 s).
+    A test file's tests stay on one worker, so its module fixtures are made once;
+    the files of tests/export/ stay together, so their session fixture, the
+    trained and published world (about 40 s), is made once too. (xdist's own
+    ``loadgroup`` marks do not take with pytest 9: it sets ``item._nodeid``,
+    which pytest 9 no longer reads.)
     """
-    for item in items:
-        if "trained_world" in getattr(item, "fixturenames", ()):
-            group = "trained-world"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ExportTogether(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/export/" if path.startswith("tests/export/") else path
+
+    return ExportTogether(config, log)
 
 
 TEMPLATE = "revisit_test_template"
