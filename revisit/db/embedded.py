@@ -382,7 +382,7 @@ class EmbeddedPostgres:
 
     def _remove_orphan(self) -> None:
         """Remove a relocated cluster whose data directory (and so its link) was deleted."""
-        if self._pid_from_file(self.pgdata) is not None and self.is_running():
+        if self.is_running():
             raise EmbeddedDatabaseError(
                 f"{self.pgdata} holds the cluster of a deleted data directory ({self.link} "
                 "is gone) and its server still runs: stop it with "
