@@ -64,6 +64,29 @@ def load_bench(name: str) -> ModuleType:
     return sys.modules[key]
 
 
+#: The longest units of work (``make test --durations``: a minute or more each), started
+#: first so that no worker is left running one of them alone at the end of the run.
+RUN_FIRST = (
+    "tests/export/",
+    "tests/reliability/test_kill.py",
+    "tests/daemon/test_service.py",
+    "tests/learner/test_cli_learn.py",
+    "tests/learner/test_online.py",
+    "tests/reliability/test_outage.py",
+    "tests/daemon/test_learner_processes.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest test files first (a stable sort: the rest keep their order)."""
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, p in enumerate(RUN_FIRST) if path.startswith(p)), len(RUN_FIRST))
+
+    items.sort(key=rank)
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile`` (``make test``), with the export tests as one unit of work.
 
