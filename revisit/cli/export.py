@@ -19,7 +19,8 @@ def export_onnx(
         int | None, typer.Option(help="The model_version id to publish (default: the newest).")
     ] = None,
 ) -> None:
-    """Publish a checkpoint as two ONNX models (features, embedding) after a parity check."""
+    """Publish a checkpoint as ONNX models (features, embedding; dense unless
+    export.dense_model is false) after a parity check."""
     from revisit.db.engine import Database
     from revisit.db.migrate import upgrade
     from revisit.export.publish import publish_onnx
