@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,15 +66,7 @@ def test_a_clone_under_a_private_directory_runs(
     clone = private_parent / "revisit"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
     env = _service_env(cli_env)
-    where = subprocess.run(
-        [sys.executable, "-c", "import revisit; print(revisit.__file__)"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert Path(where.stdout.strip()).is_relative_to(clone), "the clone's package must run"
+    assert _imported_from(Path(sys.executable), clone, env).is_relative_to(clone)
     cluster = EmbeddedPostgres(clone / "var")
     try:
         daemon = Daemon(env, command=[sys.executable, "-m", "revisit"], cwd=clone)
@@ -137,20 +130,35 @@ def _fresh_venv(root: Path, wheel: Path, *, reuse_dependencies: bool) -> Path:
     return venv / "bin"
 
 
-def _check_installed(
-    bin_dir: Path, cwd: Path, database_url: str, cli_env: dict[str, str], daemons: list[Daemon]
-) -> None:
-    env = _service_env(cli_env, REVISIT_DATABASE_URL=database_url)
+def _imported_from(python: Path, cwd: Path, env: dict[str, str]) -> Path:
+    """The file ``import revisit`` loads for ``python`` started in ``cwd``."""
     where = subprocess.run(
-        [str(bin_dir / "python"), "-c", "import revisit; print(revisit.__file__)"],
+        [str(python), "-c", "import revisit; print(revisit.__file__)"],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
-    assert Path(where).is_relative_to(bin_dir.parent), f"revisit imported from {where}"
-    assert not Path(where).is_relative_to(REPO)
+    )
+    return Path(where.stdout.strip())
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Path]:
+    """A directory that has nothing to do with the checkout, to run from."""
+    path = make_tempdir("revisit-elsewhere-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_installed(
+    bin_dir: Path, cwd: Path, database_url: str, cli_env: dict[str, str], daemons: list[Daemon]
+) -> None:
+    """The installation in ``bin_dir`` upgrades a database and runs, started in ``cwd``."""
+    env = _service_env(cli_env, REVISIT_DATABASE_URL=database_url)
+    where = _imported_from(bin_dir / "python", cwd, env)
+    assert where.is_relative_to(bin_dir.parent), f"revisit imported from {where}"
+    assert not where.is_relative_to(REPO)
 
     def revisit(*args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -174,22 +182,13 @@ def test_a_wheel_in_a_fresh_venv_upgrades_and_runs_from_any_directory(
     cli_env: dict[str, str],
     daemons: list[Daemon],
     tmp_path: Path,
+    elsewhere: Path,
 ) -> None:
-    assert any(
-        name.startswith("revisit/db/migrations/versions/")
-        for name in subprocess.run(
-            [sys.executable, "-m", "zipfile", "-l", str(wheel)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-    ), "the wheel must carry the migrations"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert any(n.startswith("revisit/db/migrations/versions/") for n in names), names
     bin_dir = _fresh_venv(tmp_path, wheel, reuse_dependencies=True)
-    elsewhere = make_tempdir("revisit-elsewhere-")
-    try:
-        _check_installed(bin_dir, elsewhere, fresh_database_url, cli_env, daemons)
-    finally:
-        shutil.rmtree(elsewhere, ignore_errors=True)
+    _check_installed(bin_dir, elsewhere, fresh_database_url, cli_env, daemons)
 
 
 @pytest.mark.slow
@@ -199,14 +198,11 @@ def test_a_wheel_with_all_its_dependencies_from_the_index(
     cli_env: dict[str, str],
     daemons: list[Daemon],
     tmp_path: Path,
+    elsewhere: Path,
 ) -> None:
     # The whole `pip install revisit-*.whl`: every dependency resolved afresh.
     bin_dir = _fresh_venv(tmp_path, wheel, reuse_dependencies=False)
-    elsewhere = make_tempdir("revisit-elsewhere-")
-    try:
-        _check_installed(bin_dir, elsewhere, fresh_database_url, cli_env, daemons)
-    finally:
-        shutil.rmtree(elsewhere, ignore_errors=True)
+    _check_installed(bin_dir, elsewhere, fresh_database_url, cli_env, daemons)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another OS user")
