@@ -13,18 +13,7 @@ if [[ -f "$control" && -x "$initdb" ]] && has_gomp; then
     exit 0
 fi
 
-packages=("postgresql-${PG_MAJOR}" "postgresql-${PG_MAJOR}-postgis-3" "libgomp1")
-echo "revisit: installing ${packages[*]} with apt-get" >&2
-if [[ "$(id -u)" -eq 0 ]]; then
-    sudo=()
-elif command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo)
-else
-    echo "revisit: PostGIS is missing and this user cannot install it:" \
-         "run as root: apt-get install -y ${packages[*]}" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+# shellcheck source=apt-install.sh
+source "$(dirname "$0")/apt-install.sh"
+apt_install PostGIS "postgresql-${PG_MAJOR}" "postgresql-${PG_MAJOR}-postgis-3" libgomp1
 test -f "$control" || { echo "revisit: PostGIS still missing after apt-get ($control)" >&2; exit 1; }
