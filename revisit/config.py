@@ -165,6 +165,78 @@ class SentinelHubSettings(_Section):
         return value
 
 
+#: The STAC presets (``stac.preset``): API root, collection, URL signing.
+STAC_PRESETS: dict[str, tuple[str, str, str]] = {
+    "earth-search": ("https://earth-search.aws.element84.com/v1", "sentinel-2-l2a", "none"),
+    "earth-search-c1": (
+        "https://earth-search.aws.element84.com/v1",
+        "sentinel-2-c1-l2a",
+        "none",
+    ),
+    "planetary-computer": (
+        "https://planetarycomputer.microsoft.com/api/stac/v1",
+        "sentinel-2-l2a",
+        "planetary-computer",
+    ),
+}
+
+
+class StacSettings(_Section):
+    """A STAC API of Sentinel-2 COGs (``--source stac``): where, what, and how to read it.
+
+    ``preset`` names a public catalog; ``api_url``, ``collection`` and ``signing``
+    override what it says, so any STAC API can be used by URL.
+    """
+
+    preset: Literal["earth-search", "earth-search-c1", "planetary-computer"] = Field(
+        default="earth-search-c1",
+        description="A public catalog: its API root, collection and URL signing.",
+    )
+    api_url: str | None = Field(default=None, description="STAC API root; None: the preset's.")
+    collection: str | None = Field(default=None, description="Collection id; None: the preset's.")
+    signing: Literal["none", "planetary-computer"] | None = Field(
+        default=None, description="How asset URLs are signed; None: the preset's."
+    )
+    sas_token_url: str = Field(
+        default="https://planetarycomputer.microsoft.com/api/sas/v1/token",
+        description="Planetary Computer's SAS token endpoint (signing = planetary-computer).",
+    )
+    max_cloud_cover: float = Field(default=80.0, ge=0, le=100, description="Search filter, %.")
+    page_size: int = Field(default=100, ge=1, le=10_000, description="Items per search page.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per HTTP request.")
+    max_retries: int = Field(default=5, ge=0, le=20, description="For 429, 5xx and resets.")
+    backoff_s: float = Field(default=1.0, gt=0, le=60, description="First retry delay; doubles.")
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
+    gdal_cache_mb: int = Field(
+        default=128, ge=8, le=65536, description="GDAL's raster block cache (GDAL_CACHEMAX)."
+    )
+    http_cache_mb: int = Field(
+        default=64,
+        ge=1,
+        le=65536,
+        description="GDAL's cache of HTTP ranges read (CPL_VSIL_CURL_CACHE_SIZE).",
+    )
+
+    @field_validator("api_url", "sas_token_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def resolved(self) -> tuple[str, str, str]:
+        """(API root, collection, signing): the preset's, overridden where set."""
+        url, collection, signing = STAC_PRESETS[self.preset]
+        return (
+            self.api_url or url,
+            self.collection or collection,
+            self.signing or signing,
+        )
+
+
 #: The learner's training methods (``learner.method``); revisit.learner.trainer implements them.
 LearnerMethod = Literal["moco", "tp", "geo-tp", "seco", "teco", "caco"]
 LEARNER_METHODS: tuple[str, ...] = get_args(LearnerMethod)
@@ -371,7 +443,7 @@ class DaemonSettings(_Section):
         le=65535,
         description="Port of /healthz, /readyz and /metrics on 127.0.0.1; 0 picks a free one.",
     )
-    sources: tuple[Literal["simulated", "local", "sentinelhub"], ...] = Field(
+    sources: tuple[Literal["simulated", "local", "sentinelhub", "stac"], ...] = Field(
         default=("simulated",), description="Sources with an ingest job; empty: no ingest."
     )
     ingest_every_s: float = Field(default=60, gt=0, description="Seconds between ingest runs.")
@@ -500,6 +572,7 @@ class Settings(BaseSettings):
     simulated: SimulatedSettings = SimulatedSettings()
     local: LocalSettings = LocalSettings()
     sentinelhub: SentinelHubSettings = SentinelHubSettings()
+    stac: StacSettings = StacSettings()
     learner: LearnerSettings = LearnerSettings()
     export: ExportSettings = ExportSettings()
     daemon: DaemonSettings = DaemonSettings()

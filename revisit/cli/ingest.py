@@ -63,12 +63,23 @@ def ingest(
     source: Annotated[
         str | None,
         typer.Option(
-            help="simulated, local or sentinelhub (default: simulated; for --worker: every"
-            " source in daemon.sources)."
+            help="simulated, local, sentinelhub or stac (default: simulated; for --worker:"
+            " every source in daemon.sources)."
         ),
     ] = None,
     path: Annotated[
         Path | None, typer.Option(help="For --source local: the directory of products.")
+    ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            help="For --source stac: a preset (earth-search, earth-search-c1,"
+            " planetary-computer) or a STAC API URL (default: stac.preset)."
+        ),
+    ] = None,
+    collection: Annotated[
+        str | None,
+        typer.Option(help="For --source stac: the collection (default: the preset's)."),
     ] = None,
     since: Annotated[
         str | None, typer.Option(help="From this date (default: where the last run stopped).")
@@ -128,7 +139,7 @@ def ingest(
     from revisit.ingest.sources import build_source
     from revisit.types import SceneRef
 
-    settings = get_settings(ctx)
+    settings = _with_catalog(get_settings(ctx), catalog=catalog, collection=collection)
     if plan and worker:
         raise typer.BadParameter("give --plan or --worker, not both")
     if worker:
@@ -218,6 +229,34 @@ def ingest(
             f"[yellow]interrupted: {summary.interrupted}; the next run resumes from there[/]"
         )
         raise typer.Exit(EXIT_ERROR)
+
+
+def _with_catalog(settings: Settings, *, catalog: str | None, collection: str | None) -> Settings:
+    """``settings`` with ``--catalog`` and ``--collection`` put into ``stac``."""
+    from pydantic import ValidationError
+
+    from revisit.config import STAC_PRESETS, StacSettings
+
+    if catalog is None and collection is None:
+        return settings
+    update: dict[str, object] = {}
+    if catalog is not None:
+        if catalog in STAC_PRESETS:
+            update.update(preset=catalog, api_url=None)
+        else:
+            update["api_url"] = catalog
+    if collection is not None:
+        update["collection"] = collection
+    try:
+        stac = StacSettings.model_validate({**settings.stac.model_dump(), **update})
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(
+            f"--catalog {catalog!r}: {where}: {problem['msg']}; give a preset"
+            f" ({', '.join(STAC_PRESETS)}) or an http(s):// URL"
+        ) from None
+    return settings.model_copy(update={"stac": stac})
 
 
 def _ingest_worker(

@@ -11,14 +11,14 @@ if TYPE_CHECKING:
     from revisit.config import Settings
     from revisit.ingest.sources.base import SceneSource
 
-SOURCE_NAMES = ("simulated", "local", "sentinelhub")
+SOURCE_NAMES = ("simulated", "local", "sentinelhub", "stac")
 
 
 def build_source(name: str, settings: Settings, *, path: Path | None = None) -> SceneSource:
     """The source called ``name``, configured from ``settings``.
 
     Args:
-        name: ``simulated``, ``local`` or ``sentinelhub``.
+        name: ``simulated``, ``local``, ``sentinelhub`` or ``stac``.
         settings: The validated settings.
         path: For ``local``: the directory of products (overrides ``local.path``).
 
@@ -44,4 +44,8 @@ def build_source(name: str, settings: Settings, *, path: Path | None = None) -> 
         from revisit.ingest.sources.sentinelhub import SentinelHubSource
 
         return SentinelHubSource.from_settings(settings)
+    if name == "stac":
+        from revisit.ingest.sources.stac import StacSource
+
+        return StacSource.from_settings(settings)
     raise ConfigError(f"unknown source {name!r}: choose one of {', '.join(SOURCE_NAMES)}")

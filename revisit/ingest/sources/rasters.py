@@ -39,7 +39,7 @@ from revisit.grid import ChipGrid
 from revisit.ingest import reasons
 from revisit.types import Level
 
-ProductKind = Literal["safe", "band-folder", "multiband"]
+ProductKind = Literal["safe", "band-folder", "multiband", "stac"]
 CloudMaskKind = Literal["scl", "classi"]
 
 #: Sentinel-2 DN 0 is "no data"; used when a file does not declare its own nodata.

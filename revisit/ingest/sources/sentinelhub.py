@@ -38,11 +38,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
-import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -77,6 +75,7 @@ from revisit.grid import ChipGrid
 from revisit.ingest import reasons
 from revisit.ingest.cloud import cloud_fraction, scl_cloud_mask, valid_fraction
 from revisit.ingest.sources.base import OnRejected, SceneSource
+from revisit.ingest.sources.retry import RetryPolicy
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
 
 log = logging.getLogger(__name__)
@@ -127,64 +126,6 @@ def evalscript(cloud_band: str) -> str:
         f"  return [{values}];\n"
         "}\n"
     )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When and how long to wait before trying an HTTP call again.
-
-    Every call gets at most ``max_retries`` retries, shared by all transient
-    causes:
-
-    - 429: wait what ``Retry-After`` says (Sentinel Hub sends *milliseconds*,
-      unlike RFC 9110's seconds: the value is multiplied by ``retry_after_unit_s``;
-      fractions and 0 are accepted), capped at ``max_backoff_s``; without a
-      usable header, the exponential back-off below;
-    - 5xx, 403 (Sentinel Hub's "quota exceeded"), connection errors, resets and
-      timeouts: ``backoff_s * 2**n`` for the n-th retry (0-based), capped at
-      ``max_backoff_s``;
-    - 401: the token is dropped and a new one fetched, once per call; this does
-      not use up a retry. A second 401 is a transient failure like a 5xx.
-
-    Nothing else is retried.
-
-    Attributes:
-        max_retries: Retries after the first attempt.
-        backoff_s: First back-off delay, seconds.
-        max_backoff_s: Longest delay, seconds.
-        retry_after_unit_s: Seconds per unit of ``Retry-After`` (0.001: milliseconds).
-        sleep: How to wait; tests pass a recorder.
-    """
-
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    retry_after_unit_s: float = 0.001
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
-
-    @classmethod
-    def from_settings(cls, settings: SentinelHubSettings) -> RetryPolicy:
-        """The policy of ``settings`` (max_retries, backoff_s, max_backoff_s)."""
-        return cls(
-            max_retries=settings.max_retries,
-            backoff_s=settings.backoff_s,
-            max_backoff_s=settings.max_backoff_s,
-        )
-
-    def backoff(self, retry: int) -> float:
-        """The delay before retry number ``retry`` (0-based) of a 5xx or network error."""
-        return min(self.backoff_s * 2.0**retry, self.max_backoff_s)
-
-    def retry_after(self, header: str | None, retry: int) -> float:
-        """The delay before retry number ``retry`` after a 429 with this ``Retry-After``."""
-        if header is not None:
-            try:
-                value = float(header.strip())
-            except ValueError:
-                value = math.nan
-            if math.isfinite(value) and value >= 0:
-                return min(value * self.retry_after_unit_s, self.max_backoff_s)
-        return self.backoff(retry)
 
 
 class _NotRetryableHTTPError(Exception):
