@@ -196,4 +196,4 @@ def test_gdal_is_set_for_range_reads() -> None:
     assert options["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
     assert options["GDAL_HTTP_MAX_RETRY"] == "0"  # revisit's policy retries
     assert options["CPL_VSIL_CURL_CACHE_SIZE"] == str(32 * 1024 * 1024)
-    assert options["GDAL_CACHEMAX"] == "64"
+    assert options["GDAL_CACHEMAX"] == 64 * 1024 * 1024

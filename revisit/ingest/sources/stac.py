@@ -56,7 +56,7 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import rasterio
 import requests
@@ -130,7 +130,7 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 
-def gdal_options(settings: StacSettings) -> dict[str, str]:
+def gdal_options(settings: StacSettings) -> dict[str, str | int]:
     """GDAL's configuration for reading COG windows over HTTP.
 
     No directory listing on open, the header read in one request, consecutive
@@ -146,7 +146,8 @@ def gdal_options(settings: StacSettings) -> dict[str, str]:
         "GDAL_HTTP_MAX_RETRY": "0",
         "GDAL_HTTP_TIMEOUT": str(max(1, math.ceil(settings.timeout_s))),
         "GDAL_HTTP_CONNECTTIMEOUT": str(max(1, math.ceil(min(settings.timeout_s, 30.0)))),
-        "GDAL_CACHEMAX": str(settings.gdal_cache_mb),
+        # rasterio sets this one through GDALSetCacheMax64: an int, in bytes.
+        "GDAL_CACHEMAX": settings.gdal_cache_mb * 1024 * 1024,
         "CPL_VSIL_CURL_CACHE_SIZE": str(settings.http_cache_mb * 1024 * 1024),
         "VSI_CACHE": "TRUE",
         "VSI_CACHE_SIZE": str(min(settings.http_cache_mb, 64) * 1024 * 1024),
@@ -519,8 +520,17 @@ def item_level(item: Mapping[str, Any], collection: str) -> Level | None:
     return None
 
 
-def _vsicurl(url: str) -> str:
-    return f"/vsicurl/{url}"
+def gdal_path(href: str) -> str:
+    """What GDAL opens for an href: ``/vsicurl/`` for HTTP(S), the path for a local file.
+
+    Static catalogs on disk (and the whole-file baseline of ``bench/stac.py``)
+    have ``file://`` or plain paths as hrefs.
+    """
+    if href.startswith(("http://", "https://")):
+        return f"/vsicurl/{href}"
+    if href.startswith("file://"):
+        return unquote(urlsplit(href).path)
+    return href
 
 
 class StacSource(SceneSource):
@@ -759,11 +769,14 @@ class StacSource(SceneSource):
                 yield reader.cut(location)
 
     def content_length(self, url: str) -> int | None:
-        """The length of the file at ``url`` by a HEAD request; None if it did not say.
+        """The length of the file at ``url`` by a HEAD request (or on disk); None if unknown.
 
         Raises:
             _Transient: The server did not answer, or answered 429/5xx.
         """
+        if not url.startswith(("http://", "https://")):
+            local = Path(gdal_path(url))
+            return local.stat().st_size if local.is_file() else None
         try:
             response = self._http.head(url, timeout=self.settings.timeout_s, allow_redirects=True)
         except requests.RequestException as exc:
@@ -799,7 +812,9 @@ class _SceneReader:
     def _forget(self) -> None:
         """Close every file and clear GDAL's memory of their URLs, before a retry."""
         self._close()
-        clear_http_cache([_vsicurl(url) for url in self._signed.values()])
+        clear_http_cache(
+            [gdal_path(url) for url in self._signed.values() if url.startswith("http")]
+        )
 
     def _open_all(self) -> None:
         if self.opened:
@@ -808,7 +823,7 @@ class _SceneReader:
             url = self.source.signer(href)
             self._signed[path] = url
             try:
-                ds = self._stack.enter_context(rasterio.open(_vsicurl(url)))
+                ds = self._stack.enter_context(rasterio.open(gdal_path(url)))
             except RasterioError as exc:
                 self._raise_for(path, exc, opening=True)
             if ds.crs is None:
