@@ -216,6 +216,12 @@ class StacSettings(_Section):
         le=65536,
         description="GDAL's cache of HTTP ranges read (CPL_VSIL_CURL_CACHE_SIZE).",
     )
+    read_threads: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description="Threads fetching the next locations' windows ahead; 0: none.",
+    )
 
     @field_validator("api_url", "sas_token_url")
     @classmethod
@@ -430,6 +436,64 @@ class ExportSettings(_Section):
     )
 
 
+class AlertSettings(_Section):
+    """Change alerts (docs/alerts.md): how the daemon delivers them to webhooks.
+
+    The ``change_alert`` rows and the ``NOTIFY revisit_change`` need no setting.
+    Webhooks get alerts only while ``webhook_secret`` is set: every POST is signed
+    with it, and without it nothing is sent (the deliveries wait, and age).
+    """
+
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key that signs every webhook POST; None: nothing is sent.",
+    )
+    deliver_every_s: float = Field(
+        default=5, gt=0, le=3600, description="Seconds between runs of the delivery job."
+    )
+    timeout_s: float = Field(
+        default=10, gt=0, le=300, description="Connect and read timeout of one POST."
+    )
+    backoff_s: float = Field(
+        default=10, gt=0, le=86400, description="A failing webhook's first wait; doubles."
+    )
+    max_backoff_s: float = Field(
+        default=3600, gt=0, le=86400, description="The longest wait between two attempts."
+    )
+    max_age_s: float = Field(
+        default=3 * 86400, gt=0, description="A delivery not made by this age of its alert fails."
+    )
+    lease_s: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="A claimed delivery is not claimed again for this long (a killed sender's).",
+    )
+    max_per_run: int = Field(
+        default=1000, ge=1, le=1_000_000, description="POSTs one run makes; the next run goes on."
+    )
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AlertSettings:
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError("max_backoff_s must be at least backoff_s")
+        if self.lease_s <= self.timeout_s:
+            raise ValueError("lease_s must be longer than timeout_s")
+        return self
+
+
 class DaemonSettings(_Section):
     """``revisit run`` (DESIGN §6): the scheduled jobs, the leader lock, health and metrics.
 
@@ -576,6 +640,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = LearnerSettings()
     export: ExportSettings = ExportSettings()
     daemon: DaemonSettings = DaemonSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("data_dir")
     @classmethod

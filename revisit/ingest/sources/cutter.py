@@ -31,9 +31,11 @@ from revisit.ingest.sources.rasters import (
     Product,
     chip_bounds,
     chip_window,
+    dn_of,
     one_line,
-    read_dn,
+    read_window,
     to_dn,
+    warp_class_array,
     warp_classes,
     warp_dn,
 )
@@ -71,6 +73,22 @@ class ChipCutter:
             self._windows[path] = chip_window(ds.width, ds.height, transform, self._bounds[key])
         return self._windows[path]
 
+    def read_raw(self, path: Path, index: int, window: Window) -> npt.NDArray[Any]:
+        """One band's window as stored; a subclass may have read it ahead of time.
+
+        Raises:
+            RasterioError: The read failed.
+        """
+        return read_window(self.opened[path].ds, index, window)
+
+    def read_dn(self, path: Path, index: int, window: Window) -> npt.NDArray[np.float32]:
+        """One band's window as float32 DN, NaN where the file has no data.
+
+        Raises:
+            RasterioError: The read failed.
+        """
+        return dn_of(self.read_raw(path, index, window), self.opened[path].ds.nodata)
+
     def _fail(self, path: Path, exc: RasterioError) -> SceneRejectedError:
         return SceneRejectedError(
             reasons.CORRUPT_RASTER, f"{self.product.product_id}: {path.name}: {one_line(exc)}"
@@ -107,7 +125,7 @@ class ChipCutter:
             stack = []
             for file in files:
                 try:
-                    stack.append(read_dn(self.opened[file.path].ds, file.index, win))
+                    stack.append(self.read_dn(file.path, file.index, win))
                 except RasterioError as exc:
                     raise self._fail(file.path, exc) from None
             warped = warp_dn(np.stack(stack), first.crs, first.transform, win, grid)
@@ -133,7 +151,8 @@ class ChipCutter:
         ds, crs, transform, _ = self.opened[mask.file.path]
         try:
             if mask.kind == "scl":
-                scl = warp_classes(ds, mask.file.index, crs, transform, win, self.grid)
+                raw = self.read_raw(mask.file.path, mask.file.index, win)
+                scl = warp_class_array(raw, crs, transform, win, self.grid)
                 valid &= ~scl_nodata_mask(scl)
                 return scl_cloud_mask(scl)
             opaque = warp_classes(ds, 1, crs, transform, win, self.grid)

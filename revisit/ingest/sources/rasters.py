@@ -301,10 +301,13 @@ def read_dn(ds: Any, index: int, window: Window) -> npt.NDArray[np.float32]:
     Raises:
         RasterioError: The read failed (a truncated or corrupt file).
     """
-    raw = read_window(ds, index, window)
-    nodata = ds.nodata if ds.nodata is not None else S2_NODATA
+    return dn_of(read_window(ds, index, window), ds.nodata)
+
+
+def dn_of(raw: npt.NDArray[Any], nodata: float | None) -> npt.NDArray[np.float32]:
+    """Pixels read as float32 DN, NaN where they equal ``nodata`` (0 when None)."""
     src = raw.astype(np.float32)
-    src[raw == nodata] = np.nan
+    src[raw == (nodata if nodata is not None else S2_NODATA)] = np.nan
     return src
 
 
@@ -350,7 +353,14 @@ def warp_classes(
     Raises:
         RasterioError: The read failed (a truncated or corrupt file).
     """
-    raw = read_window(ds, index, window).astype(np.uint8)
+    return warp_class_array(read_window(ds, index, window), crs, transform, window, grid)
+
+
+def warp_class_array(
+    raw: npt.NDArray[Any], crs: CRS, transform: Affine, window: Window, grid: ChipGrid
+) -> npt.NDArray[np.uint8]:
+    """A class band's window already read, nearest-neighbour onto ``grid``; 0 outside."""
+    raw = raw.astype(np.uint8)
     dst = np.zeros((grid.size, grid.size), dtype=np.uint8)
     reproject(
         raw,

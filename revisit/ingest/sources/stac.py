@@ -52,18 +52,21 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import numpy.typing as npt
 import rasterio
 import requests
 from pystac_client import Client
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from shapely import make_valid
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
@@ -362,6 +365,14 @@ def http_status(exc: BaseException) -> int | None:
             if code:
                 return code
     return None
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether a GDAL failure looks transient: 429, 5xx, or the network."""
+    status = http_status(exc)
+    return (status is not None and (status == 429 or status >= 500)) or (
+        status is None and is_network_failure(exc)
+    )
 
 
 def is_network_failure(exc: BaseException) -> bool:
@@ -760,13 +771,15 @@ class StacSource(SceneSource):
             level=scene.level,
             cloud_mask=mask,
         )
-        reader = _SceneReader(self, product, urls)
-        with reader:
-            order = sorted(
-                locations, key=lambda loc: (loc.grid.epsg, -loc.grid.maxy, loc.grid.minx)
-            )
-            for location in order:
-                yield reader.cut(location)
+        order = sorted(locations, key=lambda loc: (loc.grid.epsg, -loc.grid.maxy, loc.grid.minx))
+        ahead = max(1, math.ceil(2 * self.settings.read_threads / len(urls)))
+        with _SceneReader(self, product, urls) as reader:
+            pending: dict[int, _Reads] = {}
+            for i, location in enumerate(order):
+                for j in range(i, min(i + ahead + 1, len(order))):
+                    if j not in pending:
+                        pending[j] = reader.prefetch(order[j])
+                yield reader.cut(location, pending.pop(i))
 
     def content_length(self, url: str) -> int | None:
         """The length of the file at ``url`` by a HEAD request (or on disk); None if unknown.
@@ -787,8 +800,41 @@ class StacSource(SceneSource):
         return int(length) if response.ok and length and length.isdigit() else None
 
 
+#: Windows being read ahead: (file, band index, window) -> its pixels.
+_Reads = dict[tuple[Path, int, tuple[int, int, int, int]], "Future[npt.NDArray[Any]]"]
+
+
+class _Cutter(ChipCutter):
+    """The local source's cutter, taking the windows read ahead where there are some."""
+
+    def __init__(
+        self,
+        product: Product,
+        opened: Mapping[Path, OpenRaster],
+        location: LocationRef,
+        reads: _Reads,
+    ) -> None:
+        super().__init__(product, opened, location)
+        self.reads = reads
+
+    def read_raw(self, path: Path, index: int, window: Window) -> npt.NDArray[Any]:
+        future = self.reads.pop((path, index, window.flatten()), None)
+        if future is None:
+            return super().read_raw(path, index, window)
+        return future.result()
+
+
 class _SceneReader:
-    """The open COGs of one scene, reopened after a transient failure."""
+    """The open COGs of one scene, reopened after a transient failure.
+
+    With ``stac.read_threads`` > 0 the windows of a location are read in
+    threads, one per file (up to that many), each with a handle of its own (a
+    GDAL dataset is not shared between threads), and those of the next
+    locations are started before the current one is cut: a catalog far away
+    then costs about one round trip per location, not one per file and tile. (Reading ahead into
+    GDAL's cache instead does not work: GTiff keeps what it fetched by
+    parallel ranges in the dataset handle, not in ``/vsicurl/``'s cache.)
+    """
 
     def __init__(self, source: StacSource, product: Product, urls: Mapping[Path, str]) -> None:
         self.source = source
@@ -797,12 +843,59 @@ class _SceneReader:
         self.opened: dict[Path, OpenRaster] = {}
         self._stack = ExitStack()
         self._signed: dict[Path, str] = {}
+        # One lane (a thread) per file, so that a file is always read through the
+        # same handle and neighbouring chips find its tiles in GDAL's block cache.
+        lanes = min(source.settings.read_threads, len(self.urls))
+        self._lanes = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"revisit-stac-{n}") for n in range(lanes)
+        ]
+        self._lane_of = {path: n % lanes for n, path in enumerate(self.urls)} if lanes else {}
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._handles_lock = threading.Lock()
 
     def __enter__(self) -> _SceneReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for lane in self._lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+        with self._handles_lock:
+            for handle in self._handles:
+                handle.close()
+            self._handles.clear()
         self._close()
+
+    def prefetch(self, location: LocationRef) -> _Reads:
+        """Start reading ``location``'s window of every file; {} without read threads."""
+        if not self._lanes:
+            return {}
+        try:
+            with rasterio.Env(**self.source.gdal):
+                self._open_all()
+        except (SceneRejectedError, _Transient, RasterioError):
+            return {}  # the cut meets the same failure and reports it
+        cutter = ChipCutter(self.product, self.opened, location)
+        reads: _Reads = {}
+        for path in self.urls:
+            window = cutter.window(path)
+            if window is not None:
+                key = (path, 1, window.flatten())
+                lane = self._lanes[self._lane_of[path]]
+                reads[key] = lane.submit(self._read, self._signed[path], window)
+        return reads
+
+    def _read(self, url: str, window: Window) -> npt.NDArray[Any]:
+        """Band 1's ``window`` of ``url``, on this thread's own handle."""
+        with rasterio.Env(**self.source.gdal):
+            handles: dict[str, Any] = self._local.__dict__.setdefault("handles", {})
+            ds = handles.get(url)
+            if ds is None:
+                ds = rasterio.open(gdal_path(url))
+                handles[url] = ds
+                with self._handles_lock:
+                    self._handles.append(ds)
+            return ds.read(1, window=window)  # type: ignore[no-any-return]
 
     def _close(self) -> None:
         self._stack.close()
@@ -812,37 +905,74 @@ class _SceneReader:
     def _forget(self) -> None:
         """Close every file and clear GDAL's memory of their URLs, before a retry."""
         self._close()
+        # The prefetch threads' handles stay open: they only warm the cache, and a
+        # handle whose reads fail leaves the cut to report the failure.
         clear_http_cache(
             [gdal_path(url) for url in self._signed.values() if url.startswith("http")]
         )
 
     def _open_all(self) -> None:
+        """Open every file of the scene, in the read threads at once when there are some."""
         if self.opened:
             return
         for path, href in self.urls.items():
-            url = self.source.signer(href)
-            self._signed[path] = url
-            try:
-                ds = self._stack.enter_context(rasterio.open(gdal_path(url)))
-            except RasterioError as exc:
-                self._raise_for(path, exc, opening=True)
-            if ds.crs is None:
-                raise SceneRejectedError(
-                    reasons.MISSING_CRS, f"{self.product.product_id}: {path.name}: no CRS"
-                )
-            self.opened[path] = OpenRaster(ds, ds.crs, ds.transform, ds.crs.to_wkt())
+            self._signed[path] = self.source.signer(href)
+        gdal = self.source.gdal
 
-    def cut(self, location: LocationRef) -> Chip | Rejection:
-        """One location's chip, retried under the policy on transient failures."""
+        def open_one(url: str) -> Any:
+            with rasterio.Env(**gdal):
+                return rasterio.open(gdal_path(url))
+
+        futures = {
+            path: self._lanes[self._lane_of[path]].submit(open_one, url) if self._lanes else None
+            for path, url in self._signed.items()
+        }
+        opened: dict[Path, Any] = {}
+        failures: list[tuple[Path, RasterioError]] = []
+        for path, future in futures.items():
+            try:
+                url = self._signed[path]
+                opened[path] = future.result() if future is not None else open_one(url)
+            except RasterioError as exc:
+                failures.append((path, exc))
+        for ds in opened.values():
+            self._stack.callback(ds.close)
+        try:
+            # A failure that may pass decides: the scene is retried, not rejected.
+            failures.sort(key=lambda f: not (_may_pass(f[1])))
+            if failures:
+                self._raise_for(*failures[0], opening=True)
+            for path, ds in opened.items():
+                if ds.crs is None:
+                    raise SceneRejectedError(
+                        reasons.MISSING_CRS, f"{self.product.product_id}: {path.name}: no CRS"
+                    )
+                self.opened[path] = OpenRaster(ds, ds.crs, ds.transform, ds.crs.to_wkt())
+        except BaseException:
+            self._close()  # all or nothing: never a scene half open
+            raise
+
+    def cut(self, location: LocationRef, reads: _Reads | None = None) -> Chip | Rejection:
+        """One location's chip, retried under the policy on transient failures.
+
+        Args:
+            location: Where.
+            reads: Windows :meth:`prefetch` started; a retry reads afresh.
+        """
+        first = [reads or {}]
 
         def attempt() -> Chip | Rejection:
+            ready, first[0] = first[0], {}
             with rasterio.Env(**self.source.gdal):
                 self._open_all()
                 try:
-                    return ChipCutter(self.product, self.opened, location).cut()
+                    return _Cutter(self.product, self.opened, location, ready).cut()
                 except SceneRejectedError as exc:
                     self._explain(exc)
                     raise
+                finally:
+                    for future in ready.values():
+                        future.cancel()
 
         return with_retries(
             self.source.policy,
