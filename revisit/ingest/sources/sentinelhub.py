@@ -59,8 +59,6 @@ from sentinelhub.download.models import DownloadRequest, DownloadResponse
 from sentinelhub.download.sentinelhub_client import SentinelHubDownloadClient
 from sentinelhub.exceptions import MissingDataInRequestException
 from sentinelhub.geometry import BBox
-from shapely import make_valid
-from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from revisit.config import SentinelHubSettings, Settings
@@ -75,6 +73,7 @@ from revisit.grid import ChipGrid
 from revisit.ingest import reasons
 from revisit.ingest.cloud import cloud_fraction, scl_cloud_mask, valid_fraction
 from revisit.ingest.sources.base import OnRejected, SceneSource
+from revisit.ingest.sources.features import feature_footprint
 from revisit.ingest.sources.retry import RetryPolicy
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
 
@@ -556,23 +555,8 @@ class SentinelHubSource(SceneSource):
         except ValueError as exc:
             on_rejected(product_id, reasons.BAD_REPLY, _short(f"{product_id}: {exc}"))
             return None
-        try:
-            footprint = shape(feature["geometry"])
-        except Exception as exc:  # shapely raises many types for bad GeoJSON
-            on_rejected(
-                product_id,
-                reasons.BAD_REPLY,
-                _short(f"{product_id}: geometry is not GeoJSON ({type(exc).__name__})"),
-            )
-            return None
-        if not footprint.is_valid:
-            footprint = make_valid(footprint)
-        if footprint.is_empty or footprint.geom_type not in ("Polygon", "MultiPolygon"):
-            on_rejected(
-                product_id,
-                reasons.BAD_REPLY,
-                f"{product_id}: footprint is not a polygon ({footprint.geom_type})",
-            )
+        footprint = feature_footprint(feature, product_id, on_rejected)
+        if footprint is None:
             return None
         cloud_cover = properties.get("eo:cloud_cover")
         tile_id = properties.get("s2:mgrs_tile") or properties.get("grid:code")

@@ -67,8 +67,6 @@ from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
-from shapely import make_valid
-from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from revisit.config import Settings, StacSettings
@@ -76,6 +74,7 @@ from revisit.errors import IngestError, SceneRejectedError, SourceUnavailableErr
 from revisit.ingest import reasons
 from revisit.ingest.sources.base import OnRejected, SceneSource
 from revisit.ingest.sources.cutter import ChipCutter, OpenRaster
+from revisit.ingest.sources.features import feature_footprint
 from revisit.ingest.sources.rasters import BandFile, CloudMask, Product, canonical_band, one_line
 from revisit.ingest.sources.retry import RetryPolicy
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
@@ -668,21 +667,8 @@ class StacSource(SceneSource):
         except ValueError as exc:
             on_rejected(ref, reasons.MISSING_METADATA, _short(f"{ref}: {exc}"))
             return None
-        try:
-            footprint = shape(item["geometry"])
-        except Exception as exc:  # shapely raises many types for bad GeoJSON
-            on_rejected(
-                ref,
-                reasons.BAD_REPLY,
-                _short(f"{ref}: geometry is not GeoJSON ({type(exc).__name__})"),
-            )
-            return None
-        if not footprint.is_valid:
-            footprint = make_valid(footprint)
-        if footprint.is_empty or footprint.geom_type not in ("Polygon", "MultiPolygon"):
-            on_rejected(
-                ref, reasons.BAD_REPLY, f"{ref}: footprint is not a polygon ({footprint.geom_type})"
-            )
+        footprint = feature_footprint(item, ref, on_rejected)
+        if footprint is None:
             return None
         assets = band_assets(item)
         missing = [band for band in CANONICAL_BANDS if band not in assets]
