@@ -207,7 +207,7 @@ def main() -> None:
             f"{args.chip_size} px chips, the same pixels every way;"
             f" {args.latency_ms:g} ms added to each file request"
         )
-        print(f"{'':30} {'chips':>6} {'seconds':>8} {'chips/s':>8} {'MB':>8} {'kB/chip':>8}")
+        print(f"{'':44} {'chips':>6} {'seconds':>8} {'chips/s':>8} {'MB':>8} {'kB/chip':>8}")
         for name, (work, runs) in results.items():
             label = f"{name} ({len(work)} scenes)"
             for how, (chips, seconds, sent) in runs.items():
