@@ -212,7 +212,7 @@ def main() -> None:
             label = f"{name} ({len(work)} scenes)"
             for how, (chips, seconds, sent) in runs.items():
                 print(
-                    f"{label + ': ' + how:30.30} {len(chips):6d} {seconds:8.2f}"
+                    f"{label + ': ' + how:44.44} {len(chips):6d} {seconds:8.2f}"
                     f" {len(chips) / seconds:8.1f} {sent / 1e6:8.2f} {sent / len(chips) / 1e3:8.1f}"
                 )
         for name, (_, runs) in results.items():
