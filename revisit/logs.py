@@ -112,3 +112,5 @@ def configure_logging(
     # The ONNX exporter's optimiser logs each of its passes at INFO.
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+    # urllib3 logs each request's path and query at DEBUG: a webhook URL's token.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))

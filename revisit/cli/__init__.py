@@ -6,9 +6,9 @@ expects end the program with one line on standard error and a non-zero
 status: 2 for a bad setting or usage, 1 for anything else.
 
 This module assembles the root ``app`` from one module per command group
-(``db``, ``aoi``, ``chips``, ``query``, ``export``, ``changemap``) and the
-root's own commands (``service``: run, status; ``ingest``: sample, ingest;
-``learn``). Each command imports what it needs when it runs, so that
+(``db``, ``aoi``, ``alerts``, ``chips``, ``query``, ``export``, ``changemap``)
+and the root's own commands (``service``: run, status; ``ingest``: sample,
+ingest; ``learn``). Each command imports what it needs when it runs, so that
 ``revisit --help`` loads neither torch nor the database drivers.
 """
 
@@ -22,7 +22,18 @@ import typer
 from typer.exceptions import TyperException
 
 from revisit import __version__
-from revisit.cli import aoi, changemap, chips, db, export, ingest, learn, query, service
+from revisit.cli import (
+    alerts,
+    aoi,
+    changemap,
+    chips,
+    db,
+    export,
+    ingest,
+    learn,
+    query,
+    service,
+)
 from revisit.cli._common import EXIT_ERROR, EXIT_USAGE, State, stdout
 from revisit.errors import ConfigError, RevisitError
 
@@ -72,6 +83,7 @@ app.command()(ingest.ingest)
 app.command()(learn.learn)
 app.add_typer(db.db_app, name="db")
 app.add_typer(aoi.aoi_app, name="aoi")
+app.add_typer(alerts.alerts_app, name="alerts")
 app.add_typer(chips.chips_app, name="chips")
 app.add_typer(query.query_app, name="query")
 app.add_typer(export.export_app, name="export")

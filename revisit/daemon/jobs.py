@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from revisit.config import Settings
 from revisit.daemon.metrics import Metrics
+from revisit.db import alerts as alerts_db
 from revisit.db import daemon as daemon_db
 from revisit.db import learning
 from revisit.db.aois import create_aoi, list_aois
@@ -56,6 +57,7 @@ REFIT = "refit"
 EXPORT_ONNX = "export:onnx"
 HOUSEKEEPING = "housekeeping"
 AOI_SYNC = "aoi-sync"
+ALERTS = "alerts:deliver"
 CHANGEMAP_DIR = "exports/changemaps"
 _EXTENSIONS = {"geojson": "geojson", "cog": "tif", "png": "png"}
 _CHANGEMAP_KINDS = ("changemap-geojson", "changemap-cog", "quicklook")
@@ -791,3 +793,38 @@ def aoi_sync(*, ctx: JobContext | None = None) -> JobResult:
     if not changed:
         return JobResult("skipped", "the jobs match the AOIs")
     return JobResult("ok", f"jobs added or removed: {', '.join(changed)}")
+
+
+# -- change alerts ---------------------------------------------------------------------------
+
+_NO_SECRET = (
+    "webhook deliveries wait: alerts.webhook_secret (REVISIT_ALERTS__WEBHOOK_SECRET) is not"
+    " set, and revisit sends no unsigned webhook"
+)
+
+
+def deliver_alerts(*, ctx: JobContext | None = None) -> JobResult:
+    """POST the due change alerts to their webhooks (see :mod:`revisit.daemon.alerts`).
+
+    Without ``alerts.webhook_secret`` nothing is sent: the run says so (a warning
+    once, not at every run) and the deliveries wait.
+    """
+    from revisit.daemon.alerts import deliver_due
+
+    c = _context(ctx)
+    settings = c.settings.alerts
+    if settings.webhook_secret is None:
+        with c.engine.connect() as conn:
+            waiting = alerts_db.pending_deliveries(conn)
+        if not waiting:
+            return JobResult("skipped", "no webhook delivery waiting")
+        if c._last_detail.get(ALERTS) != _NO_SECRET:
+            log.warning(_NO_SECRET, extra={"job": ALERTS, "deliveries": waiting})
+        return JobResult("skipped", _NO_SECRET)
+    # A run ends after a minute at most (its record stays fresh); the next one goes on.
+    report = deliver_due(
+        c.engine, settings, stop=c.stop, max_seconds=max(60.0, settings.deliver_every_s)
+    )
+    if report.attempts == 0 and report.gave_up == 0:
+        return JobResult("skipped", f"nothing due ({report.pending} pending)")
+    return JobResult("ok", report.line())

@@ -86,6 +86,12 @@ def job_specs(ctx: JobContext, aois: list[str]) -> list[JobSpec]:
         JobSpec(jobs.EXPORT_ONNX, jobs.export_onnx, d.export_every_s),
         JobSpec(jobs.HOUSEKEEPING, jobs.housekeeping, d.housekeeping_every_s),
         JobSpec(jobs.AOI_SYNC, jobs.aoi_sync, d.ingest_every_s),
+        JobSpec(
+            jobs.ALERTS,
+            jobs.deliver_alerts,
+            ctx.settings.alerts.deliver_every_s,
+            run_at_start=True,
+        ),
     ]
     specs += [
         JobSpec(jobs.changemap_job_id(aoi), jobs.export_changemap, d.changemap_every_s, (aoi,))

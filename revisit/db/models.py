@@ -44,6 +44,8 @@ SCENE_STATUSES = ("pending", "ingested", "failed", "quarantined")
 SIM_EVENT_KINDS = ("construction", "clearing", "flooding", "reservoir")
 ARTIFACT_KINDS = ("onnx", "changemap-cog", "changemap-geojson", "quicklook")
 JOB_OUTCOMES = ("ok", "skipped", "failed")
+#: States of a webhook delivery of a change alert (revisit.db.alerts).
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
 #: States of an ingest worker's task (revisit.db.ingest_tasks).
 TASK_STATES = ("queued", "claimed", "done", "failed")
 #: Where R's denominator came from (revisit.learner.calibration.SOURCES).
@@ -519,6 +521,118 @@ class SchedulerJob(Base):
     job_state: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
+class ChangeAlert(Base):
+    """A location's classification flipped: to changed, or back (written by a trigger)."""
+
+    __tablename__ = "change_alert"
+    __table_args__ = (
+        CheckConstraint("ratio_ema >= 0", name="ratio_ema_nonnegative"),
+        CheckConstraint(
+            "change_probability >= 0 AND change_probability <= 1", name="probability_range"
+        ),
+        Index("ix_change_alert_location_id_created_at", "location_id", "created_at"),
+        Index("ix_change_alert_created_at", "created_at"),
+        Index("ix_change_alert_aoi_ids", "aoi_ids", postgresql_using="gin"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    location_id: Mapped[int] = mapped_column(
+        ForeignKey("location.id", ondelete="CASCADE"), nullable=False
+    )
+    aoi_ids: Mapped[list[int]] = mapped_column(
+        ARRAY(BigInteger),
+        nullable=False,
+        server_default=text("'{}'::bigint[]"),
+        comment="the AOIs whose polygon holds the location, when the alert was raised",
+    )
+    aoi_names: Mapped[list[str]] = mapped_column(
+        ARRAY(Text),
+        nullable=False,
+        server_default=text("'{}'::text[]"),
+        comment="their names then, in the order of aoi_ids",
+    )
+    changed: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, comment="the new classification: true = turned changed"
+    )
+    ratio_ema: Mapped[float] = mapped_column(Double, nullable=False, comment="r at the flip")
+    change_probability: Mapped[float | None] = mapped_column(Double)
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_version.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class AlertWebhook(Base):
+    """A URL that receives the change alerts of one AOI."""
+
+    __tablename__ = "alert_webhook"
+    __table_args__ = (
+        UniqueConstraint("aoi_id", "url"),
+        CheckConstraint("url ~ '^https?://'", name="url_http"),
+        CheckConstraint("consecutive_failures >= 0", name="failures_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    aoi_id: Mapped[int] = mapped_column(ForeignKey("aoi.id", ondelete="CASCADE"), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    active: Mapped[bool] = mapped_column(
+        Boolean,
+        nullable=False,
+        server_default=text("true"),
+        comment="false: paused, its deliveries wait",
+    )
+    consecutive_failures: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0"), comment="failed attempts since a success"
+    )
+    retry_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), comment="backing off: nothing is sent to it before this"
+    )
+    last_error: Mapped[str | None] = mapped_column(Text, comment="why the last attempt failed")
+    last_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class AlertDelivery(Base):
+    """One change alert for one webhook: pending until a 2xx, or failed when too old."""
+
+    __tablename__ = "alert_delivery"
+    __table_args__ = (
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status_known"),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+        Index("ix_alert_delivery_webhook_id", "webhook_id"),
+        # What the delivery job claims next: a webhook's pending deliveries, oldest first.
+        Index(
+            "ix_alert_delivery_pending",
+            "webhook_id",
+            "alert_id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    # No foreign key: its check is a cached plan per session, and one planned while
+    # change_alert looked empty scans the table for every delivery a big batch of flips
+    # makes. A trigger on change_alert deletes an alert's deliveries with it instead.
+    alert_id: Mapped[int] = mapped_column(
+        BigInteger, primary_key=True, comment="the change_alert (its deliveries go with it)"
+    )
+    webhook_id: Mapped[int] = mapped_column(
+        ForeignKey("alert_webhook.id", ondelete="CASCADE"), primary_key=True
+    )
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0"), comment="POSTs so far"
+    )
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=func.now(),
+        comment="not claimed again before this: the lease of the process sending it",
+    )
+    last_error: Mapped[str | None] = mapped_column(Text, comment="why the last attempt failed")
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+
 TABLES = (
     "aoi",
     "location",
@@ -534,6 +648,9 @@ TABLES = (
     "sim_truth",
     "job_run",
     SCHEDULER_JOB_TABLE,
+    "change_alert",
+    "alert_webhook",
+    "alert_delivery",
 )
-VIEWS = ("v_change", "v_change_history", "v_aoi_change")
+VIEWS = ("v_change", "v_change_history", "v_aoi_change", "v_change_alert")
 READER_ROLE = "revisit_reader"

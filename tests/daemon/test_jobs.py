@@ -84,7 +84,15 @@ def test_jobs_have_fixed_ids_a_restart_replaces_them_and_an_aoi_brings_its_own(
 ) -> None:
     settings = _settings(database_url, tmp_path / "var", sources=["simulated"])
     first = _start(_context(settings, engine), scheduled)
-    expected = ["aoi-sync", "export:onnx", "housekeeping", "ingest:simulated", "learn", "refit"]
+    expected = [
+        "alerts:deliver",
+        "aoi-sync",
+        "export:onnx",
+        "housekeeping",
+        "ingest:simulated",
+        "learn",
+        "refit",
+    ]
     assert _stored_ids(engine) == expected
     # On an empty database the learn job waits for data, without failing.
     _wait("skipped learn run", lambda: (r := _job_run(engine, "learn")) and r.runs >= 1)
