@@ -817,9 +817,10 @@ class _SceneReader:
     threads, one per file (up to that many), each with a handle of its own (a
     GDAL dataset is not shared between threads), and those of the next
     locations are started before the current one is cut: a catalog far away
-    then costs about one round trip per location, not one per file and tile. (Reading ahead into
-    GDAL's cache instead does not work: GTiff keeps what it fetched by
-    parallel ranges in the dataset handle, not in ``/vsicurl/``'s cache.)
+    then costs about one round trip per location, not one per file and tile.
+    (Reading ahead into GDAL's cache instead does not work: GTiff keeps what
+    it fetched by parallel ranges in the dataset handle, not in ``/vsicurl/``'s
+    cache.)
     """
 
     def __init__(self, source: StacSource, product: Product, urls: Mapping[Path, str]) -> None:
@@ -891,8 +892,8 @@ class _SceneReader:
     def _forget(self) -> None:
         """Close every file and clear GDAL's memory of their URLs, before a retry."""
         self._close()
-        # The prefetch threads' handles stay open: they only warm the cache, and a
-        # handle whose reads fail leaves the cut to report the failure.
+        # The read threads keep their handles: a failed read raises in its future,
+        # and the retried cut reads afresh on the handles opened again here.
         clear_http_cache(
             [gdal_path(url) for url in self._signed.values() if url.startswith("http")]
         )
@@ -1003,6 +1004,8 @@ class _SceneReader:
             )
         if is_network_failure(exc):
             raise _Transient(_short(f"{name}: {one_line(exc)}"))
+        # GDAL says the same of a failed request and of a bad file: a server that
+        # does not answer a HEAD either (raises _Transient) is the likelier cause.
         url = self._signed.get(path) or self.source.signer(self.urls[path])
         length = self.source.content_length(url)
         if opening:
