@@ -63,7 +63,13 @@ class Sleeps(list[float]):
 
 def _source(fake: FakeStac, collection: str, *, retries: int = 3) -> tuple[StacSource, Sleeps]:
     sleeps = Sleeps()
-    policy = RetryPolicy(max_retries=retries, backoff_s=0.001, max_backoff_s=0.01, sleep=sleeps)
+    policy = RetryPolicy(
+        max_retries=retries,
+        backoff_s=0.001,
+        max_backoff_s=0.01,
+        retry_after_unit_s=1.0,  # what StacSource's own policy says
+        sleep=sleeps,
+    )
     settings = StacSettings(api_url=fake.url, collection=collection, timeout_s=10)
     return StacSource(settings, policy=policy), sleeps
 
@@ -200,6 +206,11 @@ def test_search_faults_are_retried_then_reported(fake_stac: FakeStac) -> None:
     fake_stac.inject("/search", Fault.reset())
     scenes, _ = _search(source, paris)
     assert len(scenes) == 2 and len(sleeps) == 2
+    # A 429 waits what its Retry-After says (seconds, as RFC 9110 has it).
+    fake_stac.inject("/search", Fault.status(429, retry_after="0.005"))
+    sleeps.clear()
+    assert len(_search(source, paris)[0]) == 2
+    assert sleeps == [pytest.approx(0.005)]
     fake_stac.inject("/search", Fault.status(502), times=10)
     with pytest.raises(SourceUnavailableError, match="after 4 attempts"):
         _search(source, paris)

@@ -177,6 +177,7 @@ def test_presets_and_overrides() -> None:
         "sentinel-2-c1-l2a",
         "none",
     )
+    assert StacSource(StacSettings()).policy.retry_after_unit_s == 1.0  # RFC 9110 seconds
     pc = StacSettings(preset="planetary-computer")
     assert pc.resolved()[2] == "planetary-computer"
     source = StacSource(pc)

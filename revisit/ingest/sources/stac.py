@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -301,7 +302,11 @@ def build_signer(settings: StacSettings, policy: RetryPolicy) -> Signer:
 
 
 class _Transient(Exception):
-    """One failed attempt the policy may retry."""
+    """One failed attempt the policy may retry; a 429 may say how long to wait."""
+
+    def __init__(self, problem: str, *, retry_after: str | None = None) -> None:
+        super().__init__(problem)
+        self.retry_after = retry_after
 
 
 T = TypeVar("T")
@@ -329,7 +334,11 @@ def with_retries(
                 raise SourceUnavailableError(
                     f"STAC {what}: {failure} after {retries + 1} attempts"
                 ) from None
-            delay = policy.backoff(retries)
+            delay = (
+                policy.retry_after(failure.retry_after, retries)
+                if failure.retry_after is not None
+                else policy.backoff(retries)
+            )
             log.warning(
                 "stac: %s: %s; retrying in %.3g s (retry %d of %d)",
                 what,
@@ -563,7 +572,8 @@ class StacSource(SceneSource):
     ) -> None:
         self.settings = settings
         self.api_url, self.collection, _ = settings.resolved()
-        self.policy = policy or RetryPolicy.from_settings(settings)
+        # RFC 9110's Retry-After is in seconds (Sentinel Hub's, in milliseconds, is not).
+        self.policy = policy or replace(RetryPolicy.from_settings(settings), retry_after_unit_s=1.0)
         self.signer = signer or build_signer(settings, self.policy)
         self.gdal = gdal_options(settings)
         self._http = requests.Session()
@@ -623,6 +633,14 @@ class StacSource(SceneSource):
         self, start: datetime, end: datetime, area: BaseGeometry
     ) -> list[dict[str, Any]]:
         io = StacApiIO(timeout=self.settings.timeout_s, max_retries=None)
+        # pystac-client's APIError carries no headers: a response hook keeps a 429's
+        # Retry-After for the policy.
+        retry_after: list[str | None] = [None]
+
+        def remember(response: requests.Response, *args: object, **kwargs: object) -> None:
+            retry_after[0] = response.headers.get("Retry-After")
+
+        io.session.hooks["response"].append(remember)
         try:
             client = Client.open(self.api_url, stac_io=io)
             search = client.search(
@@ -637,7 +655,8 @@ class StacSource(SceneSource):
             status = getattr(exc, "status_code", None)
             if status is None or status == 429 or status >= 500:
                 raise _Transient(
-                    f"HTTP {status}" if status else _short(str(exc) or "no reply")
+                    f"HTTP {status}" if status else _short(str(exc) or "no reply"),
+                    retry_after=retry_after[0] if status == 429 else None,
                 ) from None
             raise IngestError(
                 f"the STAC API {self.api_url} refused the search of {self.collection!r}:"
