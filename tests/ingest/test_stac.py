@@ -287,23 +287,47 @@ def test_the_pipeline_quarantines_bad_items_and_ingests_idempotently(
         aoi = aois.create_aoi(conn, name="paris", geom=paris)
         points = grid_in_polygon(paris.buffer(-0.003), spacing_m=1000)
         insert_locations(conn, points, origin="aoi-grid", aoi_id=aoi.id, chip_size=SIZE)
+    # Three bad inputs: an item without a date, one lacking its red band, a truncated COG.
     fake_stac.add_item_without_datetime(oscd_item_id("paris", 1))
+    second = fake_stac.item(oscd_item_id("paris", 2))
+    no_red = {k: v for k, v in second["assets"].items() if k != "red"}
+    fake_stac.add_raw_item({**second, "id": f"{second['id']}-no-red", "assets": no_red})
+    fake_stac.truncate("/files/paris/1/B02.tif")
     source, _ = _source(fake_stac, OSCD_COLLECTION)
     store = ChipStore(tmp_path / "chips")
     pipeline = IngestPipeline(engine, store, source, settings=IngestSettings(chip_size=SIZE))
     first = pipeline.run(aoi="paris", since=None, until=NOW)
-    assert (first.scenes, first.chips) == (2, 2 * len(points))
-    assert first.quarantined_by_reason == {reasons.MISSING_METADATA: 1}
+    assert (first.scenes, first.chips) == (1, len(points))
+    assert first.quarantined_by_reason == {
+        reasons.MISSING_METADATA: 1,
+        reasons.WRONG_BAND_COUNT: 1,
+        reasons.CORRUPT_RASTER: 1,
+    }
     again = pipeline.run(aoi="paris", since=None, until=NOW)
     assert (again.scenes, again.chips) == (0, 0)
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.text("SELECT source, product_id, level, metadata FROM scene ORDER BY acquired_at")
+            sa.text("SELECT source, product_id, status, metadata FROM scene ORDER BY acquired_at")
         ).all()
-        quarantined = conn.execute(sa.text("SELECT source, reason FROM quarantine")).all()
-    assert [r.source for r in rows] == ["stac", "stac"]
-    assert rows[0].metadata["offset"] == 0 and rows[0].metadata["collection"] == OSCD_COLLECTION
-    assert [tuple(q) for q in quarantined] == [("stac", reasons.MISSING_METADATA)]
+        quarantined = conn.execute(
+            sa.text("SELECT source, ref, reason, detail FROM quarantine ORDER BY reason")
+        ).all()
+    # The truncated scene's row says it was quarantined; only the good one has chips.
+    assert [(r.source, r.product_id, r.status == "quarantined") for r in rows] == [
+        ("stac", f"{OSCD_COLLECTION}/{oscd_item_id('paris', 1)}", True),
+        ("stac", f"{OSCD_COLLECTION}/{oscd_item_id('paris', 2)}", False),
+    ]
+    assert rows[1].metadata["offset"] == 0 and rows[1].metadata["collection"] == OSCD_COLLECTION
+    by_reason = {q.reason: q for q in quarantined}
+    assert set(by_reason) == {
+        reasons.MISSING_METADATA,
+        reasons.WRONG_BAND_COUNT,
+        reasons.CORRUPT_RASTER,
+    }
+    assert all(q.source == "stac" for q in quarantined)
+    assert len(quarantined) == 3, quarantined  # a second run does not quarantine them again
+    assert "truncated" in by_reason[reasons.CORRUPT_RASTER].detail
+    assert "B04" in by_reason[reasons.WRONG_BAND_COUNT].detail
 
 
 def test_revisit_ingest_source_stac_from_the_cli(
