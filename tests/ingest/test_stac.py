@@ -199,6 +199,28 @@ def test_the_cloud_filter_and_paging(fake_stac: FakeStac) -> None:
     assert [s.acquired_at for s in scenes] == sorted(s.acquired_at for s in scenes)
 
 
+class _NoQueryExtension(FakeStac):
+    """A STAC API without the query extension: it would ignore ``query`` if sent."""
+
+    def landing(self) -> dict[str, Any]:
+        page = super().landing()
+        page["conformsTo"] = [c for c in page["conformsTo"] if not c.endswith("#query")]
+        return page
+
+
+def test_an_api_without_the_query_extension_is_filtered_here(fake_stac: FakeStac) -> None:
+    bare = _NoQueryExtension(fake_stac.catalog)
+    bare.start()
+    try:
+        source, _ = _source(bare, OSCD_COLLECTION)
+        rennes = product_footprint(OSCD_IMAGES / "rennes" / "imgs_1")
+        scenes, _ = _search(source, rennes)
+        assert [s.product_id.split("/")[1] for s in scenes] == [oscd_item_id("rennes", 1)]
+        assert bare.search_params and all("query" not in p for p in bare.search_params)
+    finally:
+        bare.stop()
+
+
 def test_search_faults_are_retried_then_reported(fake_stac: FakeStac) -> None:
     source, sleeps = _source(fake_stac, OSCD_COLLECTION, retries=3)
     paris = product_footprint(OSCD_IMAGES / "paris" / "imgs_1")

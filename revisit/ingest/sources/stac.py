@@ -63,7 +63,7 @@ from urllib.parse import unquote, urlsplit
 import numpy.typing as npt
 import rasterio
 import requests
-from pystac_client import Client
+from pystac_client import Client, ConformanceClasses
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from rasterio.errors import RasterioError
@@ -618,6 +618,7 @@ class StacSource(SceneSource):
             context={"collection": self.collection},
         )
         scenes: dict[str, SceneRef] = {}
+        cloud_limit = self.settings.max_cloud_cover
         for item in items:
             scene = self._scene_of(item, on_rejected)
             if scene is None or scene.product_id in scenes:
@@ -625,6 +626,8 @@ class StacSource(SceneSource):
             if not (start <= scene.acquired_at <= end):
                 continue
             if not scene.footprint.intersects(area):
+                continue
+            if scene.cloud_cover is not None and scene.cloud_cover >= cloud_limit:
                 continue
             scenes[scene.product_id] = scene
         yield from sorted(scenes.values(), key=lambda s: (s.acquired_at, s.product_id))
@@ -643,11 +646,18 @@ class StacSource(SceneSource):
         io.session.hooks["response"].append(remember)
         try:
             client = Client.open(self.api_url, stac_io=io)
+            # The cloud filter goes to an API that has the query extension; the items
+            # are filtered here as well (see search), so one without it works too.
+            query: dict[str, Any] | None = (
+                {"eo:cloud_cover": {"lt": self.settings.max_cloud_cover}}
+                if client.conforms_to(ConformanceClasses.QUERY)
+                else None
+            )
             search = client.search(
                 collections=[self.collection],
                 bbox=area.bounds,
                 datetime=(start, end),
-                query={"eo:cloud_cover": {"lt": self.settings.max_cloud_cover}},
+                query=query,
                 limit=self.settings.page_size,
             )
             return [dict(item) for item in search.items_as_dicts()]
