@@ -2,8 +2,8 @@
 
 A loopback STAC API and COG server (``tests/ingest/fake_stac.py``) serves real
 Sentinel-2 data from ``../shared/data`` converted to COGs (DEFLATE, 128 px
-tiles), and adds ``--latency-ms`` to every file request, as a catalog in
-another region would. Two data sets:
+tiles), adds ``--latency-ms`` to every file request and sends over one link
+of ``--mbps``, as a catalog in another region would. Two data sets:
 
 - **tile**: the L2A product T29UNU (a whole 110 km tile; its 60 m bands, all
   the data holds): an AOI of ``--aoi-km`` with a grid of locations in it, the
@@ -25,7 +25,7 @@ Three ways to get the same chips, in the same run, all through
 The figure printed last is bytes per chip for the AOI on the tile, ranged /
 whole (lower is better: 0.1 means a tenth of the bytes).
 
-    .venv/bin/python bench/stac.py [--latency-ms 20] [--read-threads 8] [--tile-spacing 12000]
+    .venv/bin/python bench/stac.py [--latency-ms 20] [--mbps 100] [--read-threads 16]
 """
 
 from __future__ import annotations
@@ -142,6 +142,12 @@ def main() -> None:
         default=20.0,
         help="Delay the server adds to every file request (a catalog in another region: 20-80).",
     )
+    parser.add_argument(
+        "--mbps",
+        type=float,
+        default=100.0,
+        help="The link's bandwidth, Mbit/s, shared by all requests (0: loopback speed).",
+    )
     parser.add_argument("--read-threads", type=int, default=16, help="stac.read_threads.")
     args = parser.parse_args()
     for city in args.cities:
@@ -187,6 +193,8 @@ def main() -> None:
             aoi_work: Work = [(scene, _grid(aoi, args.aoi_spacing, args.chip_size))]
             if args.latency_ms > 0:
                 server.inject("/files/*", fake_stac.Fault.slow(args.latency_ms / 1e3), 10**6)
+            if args.mbps > 0:
+                server.bandwidth_bps = args.mbps * 1e6 / 8
             for name, work in (("tile AOI", aoi_work), ("tile spread", spread), ("crops", crops)):
                 runs = {
                     "ranged, no read-ahead": _ranged(server, work, 0),
@@ -203,9 +211,10 @@ def main() -> None:
                 results[name] = (work, runs)
         finally:
             server.stop()
+        link = f"{args.mbps:g} Mbit/s shared" if args.mbps > 0 else "loopback speed"
         print(
             f"{args.chip_size} px chips, the same pixels every way;"
-            f" {args.latency_ms:g} ms added to each file request"
+            f" {args.latency_ms:g} ms added to each file request, {link}"
         )
         print(f"{'':44} {'chips':>6} {'seconds':>8} {'chips/s':>8} {'MB':>8} {'kB/chip':>8}")
         for name, (work, runs) in results.items():

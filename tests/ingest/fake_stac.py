@@ -911,10 +911,14 @@ class FakeStac:
         search_params: The parameters of each ``/search`` request (GET ones parsed).
         log: Every request in order.
         faults_served: Faults served, by pattern and kind (``status-503``, ``reset`` …).
+        bandwidth_bps: When set, bodies go out over one shared link of this many bytes
+            a second: each waits until the link has carried those before it (a
+            catalog far away; ``bench/stac.py --mbps``).
     """
 
     catalog: CogCatalog
     page_size: int = 100
+    bandwidth_bps: float | None = None
     url: str = ""
     search_requests: int = 0
     search_params: list[dict[str, Any]] = field(default_factory=list)
@@ -927,6 +931,7 @@ class FakeStac:
     _requests: Counter[str] = field(default_factory=Counter)
     _bytes: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _link_free_at: float = 0.0
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -1126,6 +1131,15 @@ class FakeStac:
             if path.rstrip("/") == "/search":
                 self.search_requests += 1
         return hit
+
+    def _link_delay(self, body_bytes: int) -> float:
+        """Seconds a body of this size waits for the shared link (0 without a bandwidth)."""
+        if not self.bandwidth_bps or body_bytes <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._link_free_at = max(now, self._link_free_at) + body_bytes / self.bandwidth_bps
+            return self._link_free_at - now
 
     def _sent(self, hit: Hit, status: int, body_bytes: int) -> None:
         with self._lock:
@@ -1386,6 +1400,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if not head:
+            delay = self.fake._link_delay(len(body))
+            if delay > 0:
+                time.sleep(delay)
             self.wfile.write(body)
 
     def _reset(self) -> None:
