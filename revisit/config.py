@@ -140,7 +140,30 @@ class LocalSettings(_Section):
     )
 
 
-class SentinelHubSettings(_Section):
+def _http_url(value: str | None) -> str | None:
+    """``value`` when it is an http(s) URL with a host (or None); else ValueError."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class _HttpSourceSettings(_Section):
+    """What the HTTP sources share: the catalog's cloud filter and the retry policy
+    (:class:`revisit.ingest.sources.retry.RetryPolicy`)."""
+
+    max_cloud_cover: float = Field(default=80.0, ge=0, le=100, description="Catalog filter, %.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per HTTP request.")
+    max_retries: int = Field(
+        default=5, ge=0, le=20, description="For 429, 5xx, resets and timeouts."
+    )
+    backoff_s: float = Field(default=1.0, gt=0, le=60, description="First retry delay; doubles.")
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class SentinelHubSettings(_HttpSourceSettings):
     """Credentials, endpoints and retry policy of the Sentinel Hub source."""
 
     client_id: str | None = None
@@ -150,19 +173,11 @@ class SentinelHubSettings(_Section):
         "https://identity.dataspace.copernicus.eu/auth/realms/CDSE/protocol/openid-connect/token"
     )
     collection: Literal["sentinel-2-l1c", "sentinel-2-l2a"] = "sentinel-2-l2a"
-    max_cloud_cover: float = Field(default=80.0, ge=0, le=100, description="Catalog filter, %.")
-    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per HTTP request.")
-    max_retries: int = Field(default=5, ge=0, le=20, description="For 429 and 5xx replies.")
-    backoff_s: float = Field(default=1.0, gt=0, le=60, description="First retry delay; doubles.")
-    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("base_url", "token_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+    def _urls(cls, value: str) -> str:
+        return str(_http_url(value))
 
 
 #: The STAC presets (``stac.preset``): API root, collection, URL signing.
@@ -181,7 +196,7 @@ STAC_PRESETS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class StacSettings(_Section):
+class StacSettings(_HttpSourceSettings):
     """A STAC API of Sentinel-2 COGs (``--source stac``): where, what, and how to read it.
 
     ``preset`` names a public catalog; ``api_url``, ``collection`` and ``signing``
@@ -201,12 +216,7 @@ class StacSettings(_Section):
         default="https://planetarycomputer.microsoft.com/api/sas/v1/token",
         description="Planetary Computer's SAS token endpoint (signing = planetary-computer).",
     )
-    max_cloud_cover: float = Field(default=80.0, ge=0, le=100, description="Search filter, %.")
     page_size: int = Field(default=100, ge=1, le=10_000, description="Items per search page.")
-    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per HTTP request.")
-    max_retries: int = Field(default=5, ge=0, le=20, description="For 429, 5xx and resets.")
-    backoff_s: float = Field(default=1.0, gt=0, le=60, description="First retry delay; doubles.")
-    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
     gdal_cache_mb: int = Field(
         default=128, ge=8, le=65536, description="GDAL's raster block cache (GDAL_CACHEMAX)."
     )
@@ -220,18 +230,13 @@ class StacSettings(_Section):
         default=16,
         ge=0,
         le=256,
-        description="Threads fetching the next locations' windows ahead; 0: none.",
+        description="Threads reading a scene's band files, one per file, ahead; 0: none.",
     )
 
     @field_validator("api_url", "sas_token_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+    def _urls(cls, value: str | None) -> str | None:
+        return _http_url(value)
 
     def resolved(self) -> tuple[str, str, str]:
         """(API root, collection, signing): the preset's, overridden where set."""
