@@ -42,6 +42,21 @@ from revisit.ingest.sources.rasters import (
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection
 
 
+class ReadFailedError(SceneRejectedError):
+    """A read of one of the product's files failed: ``corrupt-raster``, naming the file.
+
+    Attributes:
+        path: The file (as the product names it).
+        cause: GDAL's error, for a source that can tell a bad file from a failed
+            request (the STAC source asks the server).
+    """
+
+    def __init__(self, detail: str, *, path: Path, cause: RasterioError) -> None:
+        super().__init__(reasons.CORRUPT_RASTER, detail)
+        self.path = path
+        self.cause = cause
+
+
 class OpenRaster(NamedTuple):
     """An open file of a product, with the CRS and transform to read it by."""
 
@@ -89,9 +104,9 @@ class ChipCutter:
         """
         return dn_of(self.read_raw(path, index, window), self.opened[path].ds.nodata)
 
-    def _fail(self, path: Path, exc: RasterioError) -> SceneRejectedError:
-        return SceneRejectedError(
-            reasons.CORRUPT_RASTER, f"{self.product.product_id}: {path.name}: {one_line(exc)}"
+    def _fail(self, path: Path, exc: RasterioError) -> ReadFailedError:
+        return ReadFailedError(
+            f"{self.product.product_id}: {path.name}: {one_line(exc)}", path=path, cause=exc
         )
 
     def cut(self) -> Chip | Rejection:

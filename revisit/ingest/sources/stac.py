@@ -74,7 +74,7 @@ from revisit.config import Settings, StacSettings
 from revisit.errors import IngestError, SceneRejectedError, SourceUnavailableError
 from revisit.ingest import reasons
 from revisit.ingest.sources.base import OnRejected, SceneSource
-from revisit.ingest.sources.cutter import ChipCutter, OpenRaster
+from revisit.ingest.sources.cutter import ChipCutter, OpenRaster, ReadFailedError
 from revisit.ingest.sources.features import feature_footprint
 from revisit.ingest.sources.rasters import BandFile, CloudMask, Product, canonical_band, one_line
 from revisit.ingest.sources.retry import RetryPolicy
@@ -983,8 +983,9 @@ class _SceneReader:
                 self._open_all()
                 try:
                     return _Cutter(self.product, self.opened, location, ready).cut()
-                except SceneRejectedError as exc:
-                    self._explain(exc)
+                except ReadFailedError as exc:
+                    # The cutter calls any failed read corrupt; the server may say otherwise.
+                    self._raise_for(exc.path, exc.cause, opening=False)
                     raise
                 finally:
                     for future in ready.values():
@@ -997,20 +998,6 @@ class _SceneReader:
             before_retry=self._forget,
             context={"product_id": self.product.product_id, "location_id": location.id},
         )
-
-    def _explain(self, exc: SceneRejectedError) -> None:
-        """Ask the server before a read failure the cutter reported is called corrupt."""
-        # The cutter calls any read failure corrupt; the server may say otherwise.
-        cause = exc.__cause__ or exc.__context__
-        path = self._failed_path(exc)
-        if path is not None and isinstance(cause, RasterioError):
-            self._raise_for(path, cause, opening=False)
-
-    def _failed_path(self, exc: SceneRejectedError) -> Path | None:
-        for path in self.urls:
-            if f": {path.name}: " in f"{exc.detail}":
-                return path
-        return None
 
     def _raise_for(self, path: Path, exc: RasterioError, *, opening: bool) -> None:
         """Turn a GDAL failure on ``path`` into a rejection, or a retry if it may pass.
