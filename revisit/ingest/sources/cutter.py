@@ -36,7 +36,6 @@ from revisit.ingest.sources.rasters import (
     read_window,
     to_dn,
     warp_class_array,
-    warp_classes,
     warp_dn,
 )
 from revisit.types import CANONICAL_BANDS, Chip, LocationRef, Rejection
@@ -163,15 +162,19 @@ class ChipCutter:
         win = self.window(mask.file.path) if mask is not None else None
         if mask is None or win is None:
             return np.zeros_like(valid)
-        ds, crs, transform, _ = self.opened[mask.file.path]
+        path = mask.file.path
+        _, crs, transform, _ = self.opened[path]
+
+        def classes(index: int) -> npt.NDArray[np.uint8]:
+            raw = self.read_raw(path, index, win)
+            return warp_class_array(raw, crs, transform, win, self.grid)
+
         try:
             if mask.kind == "scl":
-                raw = self.read_raw(mask.file.path, mask.file.index, win)
-                scl = warp_class_array(raw, crs, transform, win, self.grid)
+                scl = classes(mask.file.index)
                 valid &= ~scl_nodata_mask(scl)
                 return scl_cloud_mask(scl)
-            opaque = warp_classes(ds, 1, crs, transform, win, self.grid)
-            cirrus = warp_classes(ds, 2, crs, transform, win, self.grid)
+            opaque, cirrus = classes(1), classes(2)
         except RasterioError as exc:
             raise self._fail(mask.file.path, exc) from None
         return classi_cloud_mask(opaque, cirrus)

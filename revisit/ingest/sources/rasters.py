@@ -340,22 +340,6 @@ def warp_dn(
     return dst
 
 
-def warp_classes(
-    ds: Any,
-    index: int,
-    crs: CRS,
-    transform: Affine,
-    window: Window,
-    grid: ChipGrid,
-) -> npt.NDArray[np.uint8]:
-    """One class band's window, nearest-neighbour onto ``grid``; 0 outside the source.
-
-    Raises:
-        RasterioError: The read failed (a truncated or corrupt file).
-    """
-    return warp_class_array(read_window(ds, index, window), crs, transform, window, grid)
-
-
 def warp_class_array(
     raw: npt.NDArray[Any], crs: CRS, transform: Affine, window: Window, grid: ChipGrid
 ) -> npt.NDArray[np.uint8]:

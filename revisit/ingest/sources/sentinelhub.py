@@ -73,7 +73,7 @@ from revisit.grid import ChipGrid
 from revisit.ingest import reasons
 from revisit.ingest.cloud import cloud_fraction, scl_cloud_mask, valid_fraction
 from revisit.ingest.sources.base import OnRejected, SceneSource
-from revisit.ingest.sources.features import feature_footprint
+from revisit.ingest.sources.features import feature_footprint, short
 from revisit.ingest.sources.retry import RetryPolicy
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
 
@@ -155,8 +155,7 @@ class _Transient(Exception):
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+    return short(text, _MAX_DETAIL)
 
 
 def _server_message(response: requests.Response) -> str:

@@ -75,7 +75,7 @@ from revisit.errors import IngestError, SceneRejectedError, SourceUnavailableErr
 from revisit.ingest import reasons
 from revisit.ingest.sources.base import OnRejected, SceneSource
 from revisit.ingest.sources.cutter import ChipCutter, OpenRaster, ReadFailedError
-from revisit.ingest.sources.features import feature_footprint
+from revisit.ingest.sources.features import feature_footprint, short
 from revisit.ingest.sources.rasters import BandFile, CloudMask, Product, canonical_band, one_line
 from revisit.ingest.sources.retry import RetryPolicy
 from revisit.types import CANONICAL_BANDS, Chip, Level, LocationRef, Rejection, SceneRef
@@ -129,8 +129,7 @@ _MAX_DETAIL = 240
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+    return short(text, _MAX_DETAIL)
 
 
 def gdal_options(settings: StacSettings) -> dict[str, str | int]:
