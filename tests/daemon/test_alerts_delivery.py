@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from revisit.config import AlertSettings, load_settings
+from revisit.config import AlertSettings, Settings, load_settings
 from revisit.daemon import jobs
 from revisit.daemon.alerts import deliver_due, describe_url, idempotency_key, verify
 from revisit.daemon.metrics import Metrics
@@ -36,6 +36,18 @@ def receiver() -> Iterator[Receiver]:
 
 def _settings(**values: object) -> AlertSettings:
     return AlertSettings(**{**FAST, **values})  # type: ignore[arg-type]
+
+
+def _job_context(settings: Settings, engine: sa.Engine, tmp_path: Path) -> jobs.JobContext:
+    """What the daemon hands a job, for running ``alerts:deliver`` as it does."""
+    return jobs.JobContext(
+        settings=settings,
+        engine=engine,
+        store=ChipStore(tmp_path / "chips"),
+        metrics=Metrics(),
+        stop=threading.Event(),
+        runner="test:1",
+    )
 
 
 def _statuses(engine: sa.Engine) -> list[tuple[int, str, int]]:
@@ -158,14 +170,7 @@ def test_without_a_secret_nothing_is_sent_and_the_job_says_why_once(
     settings = load_settings(
         database_url=database_url, data_dir=tmp_path / "var", daemon={"bootstrap_aoi": None}
     )
-    ctx = jobs.JobContext(
-        settings=settings,
-        engine=engine,
-        store=ChipStore(tmp_path / "chips"),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        runner="test:1",
-    )
+    ctx = _job_context(settings, engine, tmp_path)
     assert jobs.run_job(ctx, jobs.ALERTS, jobs.deliver_alerts).detail == (
         "no webhook delivery waiting"
     )
@@ -194,14 +199,7 @@ def test_the_daemon_job_delivers_and_never_logs_the_secret_or_the_url_path(
         daemon={"bootstrap_aoi": None},
         alerts=FAST,
     )
-    ctx = jobs.JobContext(
-        settings=settings,
-        engine=engine,
-        store=ChipStore(tmp_path / "chips"),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        runner="test:1",
-    )
+    ctx = _job_context(settings, engine, tmp_path)
     with caplog.at_level(logging.DEBUG, logger="revisit"):
         failed = jobs.run_job(ctx, jobs.ALERTS, jobs.deliver_alerts)
         down.start()
