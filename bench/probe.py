@@ -32,7 +32,8 @@ Chips never overlap, so no fold shares pixels with another (except
 - ``random``: the same architecture with random weights (seed ``--seed``),
   exported to ONNX in a temporary directory and run the same way; when the
   model's metadata has ``band_mean``/``band_std`` the random encoder gets
-  the same input standardisation (``set_band_statistics``, if the encoder has it);
+  the same input standardisation (``set_band_statistics``, if the encoder has it)
+  and pools as the model does (its ``features_pooling``);
 - ``band stats``: each band's mean and standard deviation over the chip (24 numbers);
 - ``majority``: always the most frequent class of the training fold (chance).
 
@@ -262,9 +263,18 @@ def parse_floats(text: str | None, count: int) -> list[float] | None:
 
 
 def export_random(
-    path: Path, *, seed: int, band_mean: list[float] | None, band_std: list[float] | None
+    path: Path,
+    *,
+    seed: int,
+    band_mean: list[float] | None,
+    band_std: list[float] | None,
+    pooling: str = "levels",
 ) -> tuple[Path, bool]:
-    """A randomly initialised encoder exported to ONNX; True when it got the band statistics."""
+    """A randomly initialised encoder exported to ONNX; True when it got the band statistics.
+
+    ``pooling`` is the model's ``features_pooling`` (``levels`` or ``last``), so that
+    the random row pools as the model does.
+    """
     import torch
 
     from revisit.export.onnx import FeatureModel, export_model, model_metadata
@@ -277,7 +287,7 @@ def export_random(
     if band_mean is not None and band_std is not None:
         model.set_band_statistics(band_mean, band_std)
         standardised = True
-    module = FeatureModel(model)
+    module = FeatureModel(model, pooling="last" if pooling == "last" else "levels")
     metadata = model_metadata(
         module, method="random", step=0, model_version=None, patch_size=64, opset=18
     )
@@ -454,10 +464,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         started = time.perf_counter()
+        # A model from before ``features_pooling`` existed pooled layer4 alone.
+        pooling = meta.get("features_pooling") or ("last" if meta else "levels")
         random_path, standardised = export_random(
-            Path(tmp) / "random.onnx", seed=args.seed, band_mean=band_mean, band_std=band_std
+            Path(tmp) / "random.onnx",
+            seed=args.seed,
+            band_mean=band_mean,
+            band_std=band_std,
+            pooling=pooling,
         )
         note = "with the model's band statistics" if standardised else "no band statistics"
+        note += f", {pooling} pooling"
         seconds = time.perf_counter() - started
         print(f"random weights (seed {args.seed}, {note}) exported in {seconds:.1f} s")
         encoders["random"] = OnnxFeatures(random_path, threads=args.threads)

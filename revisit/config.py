@@ -399,6 +399,13 @@ class ExportSettings(_Section):
         gt=0,
         description="Cell size of change-map COGs in degrees; None: the median location spacing.",
     )
+    features_pooling: Literal["levels", "last"] = Field(
+        default="levels",
+        description=(
+            "What the features model pools: the stem's and all four layers' outputs,"
+            " concatenated (levels, 1024-d), or layer4's alone (last, 512-d)."
+        ),
+    )
     dense_model: bool = Field(
         default=True,
         description=(

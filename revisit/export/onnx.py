@@ -2,10 +2,12 @@
 
 Two modules are cut from a :class:`~revisit.learner.heads.ContrastiveModel`:
 
-- :class:`FeatureModel`: the **query** encoder, giving 512-d pooled features.
-  In MoCo-style training the query encoder is the network that learns by
-  gradient; it is the one to fine-tune or to compare features with (the dense
-  pair change map slides it over two dates).
+- :class:`FeatureModel`: the **query** encoder, giving pooled features: by
+  default of every depth (``features_pooling`` ``levels``: the stem and the four
+  layers, 1024-d), or of layer4 alone (``last``: 512-d). In MoCo-style
+  training the query encoder is the network that learns by gradient; it is the
+  one to fine-tune or to compare features with (the dense pair change map
+  slides it over two dates).
 - :class:`EmbeddingModel`: the **key** (momentum) encoder and **key head 0**,
   L2-normalised (128-d by default). The learner measures the change ratio R on
   exactly these embeddings (DESIGN §4: "with the key encoder and L2-normalised
@@ -69,6 +71,7 @@ __all__ = [
     "DenseModel",
     "EmbeddingModel",
     "FeatureModel",
+    "FeaturePooling",
     "Output",
     "export_model",
     "model_metadata",
@@ -79,6 +82,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Output = Literal["features", "embedding", "dense"]
+#: What a ``features`` model pools: every depth of the encoder (1024-d) or layer4 (512-d).
+FeaturePooling = Literal["levels", "last"]
 
 #: Name of the one input of every exported model.
 INPUT_NAME = "reflectance"
@@ -94,7 +99,8 @@ _MAX_SIDE = 1 << 15
 METADATA_KEYS: tuple[str, ...] = (
     "format",  # "revisit-onnx/1"
     "output",  # "features" or "embedding": also the name of the graph's output
-    "output_dim",  # 512 for features, proj_dim for the embedding
+    "output_dim",  # 1024 (or 512) for features, proj_dim for the embedding
+    "features_pooling",  # "levels" or "last" for features; "" for the others
     "encoder",  # "query" or "key"
     "head",  # "0" for the embedding, "" for features
     "normalized",  # "l2" or "none"
@@ -137,21 +143,33 @@ DENSE_RECEPTIVE_FIELD = 7 + 2 * 2 + 4 * 2 * 4 + (2 * 4 + 3 * 2 * 8) + (2 * 8 + 3
 
 
 class FeatureModel(nn.Module):
-    """The query encoder of a contrastive model: reflectance to 512-d features.
+    """The query encoder of a contrastive model: reflectance to pooled features.
 
     The encoder is copied, so the model it came from keeps training (and its
     train/eval mode) untouched. The copy is in eval mode with gradients off.
 
     Args:
         model: The trained model.
+        pooling: ``levels`` (the default): the globally pooled outputs of the stem
+            and of the four layers, concatenated, 1024-d
+            (:meth:`~revisit.learner.encoder.ResNet18Encoder.pooled_levels`);
+            ``last``: layer4's alone, 512-d, the vector the projection heads see.
+
+    Raises:
+        ValueError: If ``pooling`` is neither.
     """
 
     output: Output = "features"
 
-    def __init__(self, model: ContrastiveModel) -> None:
+    def __init__(self, model: ContrastiveModel, *, pooling: FeaturePooling = "levels") -> None:
         super().__init__()
+        if pooling not in ("levels", "last"):
+            raise ValueError(f"features pooling must be 'levels' or 'last', got {pooling!r}")
         self.encoder = copy.deepcopy(model.encoder).cpu()
-        self.output_dim = int(self.encoder.feature_dim)
+        self.pooling: FeaturePooling = pooling
+        self.output_dim = int(
+            self.encoder.levels_dim if pooling == "levels" else self.encoder.feature_dim
+        )
         self.eval()
         self.requires_grad_(False)
 
@@ -162,8 +180,10 @@ class FeatureModel(nn.Module):
             reflectance: (N, 12, H, W) float32, DN * 1e-4.
 
         Returns:
-            (N, 512) features.
+            (N, :attr:`output_dim`) features.
         """
+        if self.pooling == "levels":
+            return self.encoder.pooled_levels(reflectance)
         out: Tensor = self.encoder(reflectance)
         return out
 
@@ -299,6 +319,7 @@ def model_metadata(
         "format": "revisit-onnx/1",
         "output": module.output,
         "output_dim": str(module.output_dim),
+        "features_pooling": module.pooling if isinstance(module, FeatureModel) else "",
         "encoder": "key" if is_embedding or is_dense else "query",
         "head": "0" if is_embedding else "",
         "normalized": "l2" if is_embedding else "none",

@@ -23,7 +23,7 @@ Files, for version ``V = step<step:010d>-mv<model_version:08d>-<method>`` (the
 name sorts by time: the learner's step never goes back, and model version ids
 only grow)::
 
-    <data_dir>/exports/onnx/V.features.onnx         query encoder, 512-d
+    <data_dir>/exports/onnx/V.features.onnx         query encoder, 1024-d (or 512-d)
     <data_dir>/exports/onnx/V.features.onnx.sha256
     <data_dir>/exports/onnx/V.embedding.onnx        key encoder + head 0, L2-normalised
     <data_dir>/exports/onnx/V.embedding.onnx.sha256
@@ -482,7 +482,11 @@ def _export_and_publish(
         if settings.export.dense_model:
             wrappers.append(DenseModel)
         for wrapper in wrappers:
-            module = wrapper(model)
+            module = (
+                FeatureModel(model, pooling=settings.export.features_pooling)
+                if wrapper is FeatureModel
+                else wrapper(model)
+            )
             output = module.output
             filename = f"{name}.{output}.onnx"
             metadata = model_metadata(

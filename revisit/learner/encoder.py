@@ -252,3 +252,38 @@ class ResNet18Encoder(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.mean(dim=(2, 3))
+
+    #: Dimension of :meth:`pooled_levels`: the stem's 64 channels and the four layers'.
+    levels_dim: int = 64 + 64 + 128 + 256 + 512
+
+    def pooled_levels(self, x: Tensor) -> Tensor:
+        """Globally average-pooled features of every depth, concatenated.
+
+        The stem (after its max-pool), layer1, layer2, layer3 and layer4, each
+        averaged over the chip: (N, 64 + 64 + 128 + 256 + 512 = 1024), the last 512
+        being :meth:`forward`'s. Shallow levels keep what a chip's spectrum and fine
+        texture say, which the deepest level, trained to ignore what the
+        augmentations change, gives up; a linear probe on all of them does better
+        on real land cover than on layer4 alone (docs/probes.md). Concatenating the
+        pooled outputs of several depths for linear evaluation follows DINO (Caron
+        et al., ICCV 2021), which probes its last four blocks.
+
+        Args:
+            x: As :meth:`forward`.
+
+        Returns:
+            (N, :attr:`levels_dim`) features.
+
+        Raises:
+            ValueError: As :meth:`forward`.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        pooled = [x.mean(dim=(2, 3))]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)

@@ -70,13 +70,20 @@ def test_modules_are_the_query_features_and_the_key_embedding_of_head_0(
     x = scale_dn(torch.from_numpy(chips[:4]))
     model.train()
     features, embedding = FeatureModel(model), EmbeddingModel(model)
+    last = FeatureModel(model, pooling="last")
     assert model.training, "building the modules must not change the model's mode"
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(features(x), model.features(x), rtol=0, atol=0)
+        levels = features(x)
+        assert levels.shape == (4, 1024) and features.output_dim == 1024
+        # The last 512 of the levels are layer4's pooled features: what `last` gives.
+        torch.testing.assert_close(last(x), model.features(x), rtol=0, atol=0)
+        torch.testing.assert_close(levels[:, -512:], model.features(x), rtol=0, atol=1e-6)
+        assert last(x).shape == (4, 512) and last.output_dim == 512
         torch.testing.assert_close(embedding(x), model.key(x)[0], rtol=0, atol=0)
-        assert features(x).shape == (4, 512)
         norms = embedding(x).norm(dim=1)
+    with pytest.raises(ValueError, match="'levels' or 'last'"):
+        FeatureModel(model, pooling="mean")  # type: ignore[arg-type]
     torch.testing.assert_close(norms, torch.ones(4), rtol=0, atol=1e-5)
     assert not any(p.requires_grad for p in embedding.parameters())
 
@@ -118,6 +125,8 @@ def test_parity_on_real_chips(
     path, module, _ = exported
     assert parity_check(path, module, chips, tolerance=TOLERANCE) <= TOLERANCE
     features_file = trained_world.published.paths["features"]
+    meta = read_metadata(features_file)
+    assert (meta["features_pooling"], meta["output_dim"]) == ("levels", "1024")
     assert parity_check(features_file, FeatureModel(model), chips) <= TOLERANCE
 
 

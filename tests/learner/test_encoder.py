@@ -32,6 +32,23 @@ def test_output_shape(encoder: ResNet18Encoder, size: int) -> None:
     assert encoder.feature_dim == 512
 
 
+def test_pooled_levels_hold_every_depth_and_end_in_the_features(
+    encoder: ResNet18Encoder,
+) -> None:
+    torch.manual_seed(3)
+    encoder.eval()
+    x = torch.rand(3, len(CANONICAL_BANDS), 48, 64)
+    with torch.no_grad():
+        levels = encoder.pooled_levels(x)
+        features = encoder(x)
+        stem = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(encoder.normalize(x)))))
+    assert levels.shape == (3, encoder.levels_dim) == (3, 1024)
+    torch.testing.assert_close(levels[:, -512:], features, rtol=0, atol=1e-6)
+    torch.testing.assert_close(levels[:, :64], stem.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="expected input of shape"):
+        encoder.pooled_levels(torch.rand(2, 3, 32, 32))
+
+
 def test_non_square_input(encoder: ResNet18Encoder) -> None:
     x = torch.rand(2, 12, 48, 64)
     assert encoder(x).shape == (2, 512)
