@@ -125,6 +125,7 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
     cluster = EmbeddedPostgres(root / "var")
     cluster.acquire()
     try:
+        _without_durability(cluster)
         _create_database(cluster, TEMPLATE)
         engine = sa.create_engine(url_of(cluster, TEMPLATE), poolclass=sa.pool.NullPool)
         upgrade(engine)
@@ -133,6 +134,22 @@ def pg_cluster() -> Iterator[EmbeddedPostgres]:
     finally:
         cluster.release()
         shutil.rmtree(root, ignore_errors=True)
+
+
+#: The session cluster's settings: no fsync (nor its waits) at commits, checkpoints and
+#: CREATE DATABASE. Only a crash of the OS could lose what this gives up: a killed client,
+#: backend or postmaster loses nothing, since every commit is still written to the kernel
+#: before it returns. Every test makes a database of its own (about 0.2 s less each).
+SESSION_CLUSTER_SETTINGS = {"fsync": "off", "full_page_writes": "off"}
+
+
+def _without_durability(cluster: EmbeddedPostgres) -> None:
+    with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+        for name, value in SESSION_CLUSTER_SETTINGS.items():
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+            )
+        conn.execute("SELECT pg_reload_conf()")
 
 
 def url_of(cluster: EmbeddedPostgres, dbname: str) -> str:

@@ -51,6 +51,7 @@ def test_learn_trains_and_prints_a_summary(
 ) -> None:
     env = _env(cli_env, world_url, learn_world, tmp_path / "var")
     env["REVISIT_EXPORT__DENSE_MODEL"] = "false"  # its export is the slow variant's
+    env["REVISIT_EXPORT__PARITY_CHIPS"] = "2"  # as the daemon tests': parity is checked alike
     done = _learn(env, "--steps", "4", "--method", "teco")
     assert done.returncode == 0, done.stderr
     assert "teco" in done.stdout and "last step" in done.stdout

@@ -56,6 +56,14 @@ TRIAL_ENV = {
     "REVISIT_DAEMON__EXPORT_EVERY_STEPS": "5",
     "REVISIT_EXPORT__DENSE_MODEL": "false",
 }
+#: The last, clean run publishes the newest checkpoint the trials left as soon as its
+#: scheduler starts (not after five more steps), and learns one chunk only meanwhile (then
+#: pauses), so that the export child has the cores to itself: the run is an ONNX export
+#: long, not an export under a learner taking every core.
+FINAL_ENV = {
+    "REVISIT_DAEMON__EXPORT_EVERY_S": "2",
+    "REVISIT_DAEMON__LEARN_EVERY_S": "600",
+}
 
 
 def _is_phase(phase: str) -> Callable[[dict[str, Any]], bool]:
@@ -216,7 +224,7 @@ class KillHarness:
     def _final(self) -> None:
         """A clean run after the kills: publish, housekeep, stop; then nothing temporary stays."""
         trial = Trial(index=self.n_trials + 1, phase="final", delay_s=0.0)
-        daemon = self._start()
+        daemon = self._start({**self.env, **FINAL_ENV})
         daemon.wait_for(
             "an ONNX publish and a housekeeping run",
             lambda: (
