@@ -42,7 +42,6 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rio_cogeo.cogeo import cog_translate, cog_validate
 from rio_cogeo.profiles import cog_profiles
-from sklearn.neighbors import NearestNeighbors
 
 from revisit.config import Settings
 from revisit.db.artifacts import insert_artifact
@@ -337,6 +336,10 @@ def cell_size(
     shrink = max(math.cos(math.radians(lat0)), 0.01)
     points = np.unique(np.column_stack([rows.lon * shrink, rows.lat]), axis=0)
     if len(points) >= 2:
+        # Imported here: scikit-learn costs a second or two to import, and pair maps (which
+        # import this module for its COG writer) never come this way.
+        from sklearn.neighbors import NearestNeighbors
+
         distances, _ = NearestNeighbors(n_neighbors=2).fit(points).kneighbors(points)
         spacing = float(np.median(distances[:, 1]))
     elif rows.extent is not None and rows.extent[3] > rows.extent[1]:
