@@ -399,6 +399,17 @@ class ExportSettings(_Section):
         gt=0,
         description="Cell size of change-map COGs in degrees; None: the median location spacing.",
     )
+    graph_cache: bool = Field(
+        default=True,
+        description=(
+            "Keep each exported graph, without its weights, so that the next export of the"
+            " same architecture swaps the new weights in instead of tracing the model again."
+        ),
+    )
+    graph_cache_dir: Path | None = Field(
+        default=None,
+        description="Where the graphs are kept; None: <data_dir>/cache/onnx-graphs.",
+    )
     features_pooling: Literal["levels", "last"] = Field(
         default="levels",
         description=(

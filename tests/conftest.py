@@ -51,6 +51,23 @@ hypothesis.settings.load_profile("revisit")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+#: Exported ONNX graphs, kept for the whole session (one directory per xdist worker), so
+#: that each architecture is traced once a session, not once a test: every test has a data
+#: directory of its own, whose default cache would start empty. In-process settings read it
+#: from the environment, the CLI's subprocesses from :func:`cli_env`. tests/export/
+#: test_graphs.py checks the tracing path and the cache with directories of its own.
+GRAPH_CACHE = Path(tempfile.gettempdir()) / (
+    f"revisit-graphs-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+    f"-{XDIST_WORKER or 'main'}"
+)
+os.environ["REVISIT_EXPORT__GRAPH_CACHE_DIR"] = str(GRAPH_CACHE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _graph_cache() -> Iterator[None]:
+    yield
+    shutil.rmtree(GRAPH_CACHE, ignore_errors=True)
+
 
 def load_bench(name: str) -> ModuleType:
     """A bench script by file: bench/ is not a package (and holds an onnx.py)."""
@@ -228,6 +245,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVISIT_")}
     env["REVISIT_DATA_DIR"] = str(tmp_path / "var")
     env["REVISIT_LOG_FORMAT"] = "json"
+    env["REVISIT_EXPORT__GRAPH_CACHE_DIR"] = str(GRAPH_CACHE)
     # `revisit run` serves health and metrics: on a free port, never on one a service uses.
     env["REVISIT_DAEMON__HTTP_PORT"] = "0"
     return env

@@ -53,12 +53,14 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import onnx
+import onnx_ir
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 import revisit
 from revisit.errors import ExportError, ParityError
+from revisit.export import graphs
 from revisit.fsutil import write_bytes_atomic
 from revisit.learner.heads import ContrastiveModel, ProjectionHead, l2_normalize
 from revisit.types import CANONICAL_BANDS, DN_SCALE
@@ -371,14 +373,18 @@ def export_model(
     metadata: Mapping[str, str],
     opset: int = 18,
     patch_size: int = 64,
+    graph_cache: Path | None = None,
 ) -> None:
     """Export a module to ONNX with dynamic batch and spatial sizes, checked, with its metadata.
 
     The export traces with ``torch.onnx.export(..., dynamo=True)`` on a batch of 2
-    (a batch of 1 would be specialised), lets the exporter's optimiser fold the
-    BatchNorms, checks the model with ``onnx.checker`` (full check, with shape
-    inference) and writes it to a temporary name that is fsynced and renamed
-    onto ``path``.
+    (a batch of 1 would be specialised), unoptimised; with ``graph_cache`` it first
+    looks there for the graph of this module's architecture, and takes it with the
+    module's weights filled in instead of tracing (:mod:`revisit.export.graphs`),
+    or keeps the traced graph there for next time. Then the exporter's own
+    optimiser (onnxscript's ``optimize_ir``) folds the BatchNorms and constants,
+    ``onnx.checker`` checks the model (full check, with shape inference), and it
+    is written to a temporary name that is fsynced and renamed onto ``path``.
 
     Args:
         module: A :class:`FeatureModel`, :class:`EmbeddingModel` or :class:`DenseModel`
@@ -387,32 +393,33 @@ def export_model(
         metadata: String properties to store (see :func:`model_metadata`).
         opset: The ONNX opset.
         patch_size: The spatial size of the example input.
+        graph_cache: A directory of exported graphs (``export.graph_cache_dir``), or
+            None to trace every time.
 
     Raises:
         ExportError: The exporter or the checker failed, or the file could not be
             written (no file is left under ``path`` then).
     """
+    from onnxscript.optimizer import optimize_ir
+
     module.eval()
-    example = torch.rand(2, len(CANONICAL_BANDS), patch_size, patch_size) * 0.3
-    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-    height = torch.export.Dim("height", min=MIN_SIZE, max=_MAX_SIDE)
-    width = torch.export.Dim("width", min=MIN_SIZE, max=_MAX_SIDE)
+    output_names = _output_names(module)
     started = time.perf_counter()
     try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=_output_names(module),
-                dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
-                opset_version=opset,
-                verbose=False,
-            )
-        if program is None:
-            raise ExportError(f"torch.onnx.export returned no program for {path.name}")
-        proto = program.model_proto
+        key = graphs.graph_key(module, opset=opset, output_names=output_names)
+        model = (
+            graphs.load_graph(graph_cache, key, module, output_names=output_names)
+            if graph_cache is not None
+            else None
+        )
+        traced = model is None
+        if model is None:
+            model = _trace(module, opset=opset, patch_size=patch_size, output_names=output_names)
+            if graph_cache is not None:
+                graphs.store_graph(graph_cache, key, model)
+        optimize_ir(model)
+        proto = onnx_ir.serde.serialize_model(model)
+        del model
         del proto.metadata_props[:]
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -429,12 +436,38 @@ def export_model(
         raise ExportError(f"could not export {module.output} model to {path.name}: {exc}") from exc
     _save_atomically(proto, path)
     logger.info(
-        "exported %s model %s (opset %d) in %.1f s",
+        "exported %s model %s (opset %d) in %.1f s%s",
         module.output,
         path.name,
         opset,
         time.perf_counter() - started,
+        "" if traced else ", its graph from the cache",
     )
+
+
+def _trace(
+    module: Exportable, *, opset: int, patch_size: int, output_names: list[str]
+) -> onnx_ir.Model:
+    """``torch.onnx.export(..., dynamo=True)`` of ``module``, unoptimised (see :mod:`.graphs`)."""
+    example = torch.rand(2, len(CANONICAL_BANDS), patch_size, patch_size) * 0.3
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    height = torch.export.Dim("height", min=MIN_SIZE, max=_MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIZE, max=_MAX_SIDE)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            optimize=False,
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_shapes={INPUT_NAME: {0: batch, 2: height, 3: width}},
+            opset_version=opset,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    return program.model
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:

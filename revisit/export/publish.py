@@ -255,6 +255,13 @@ def load_model(data_dir: Path, version: learning.ModelVersionRow) -> Contrastive
     return model.eval()
 
 
+def graph_cache_dir(settings: Settings) -> Path | None:
+    """Where exported graphs are kept (``export.graph_cache_dir``), or None when they are not."""
+    if not settings.export.graph_cache:
+        return None
+    return settings.export.graph_cache_dir or settings.data_dir / "cache" / "onnx-graphs"
+
+
 def _contrastive_model(settings: LearnerSettings, *, method: str) -> ContrastiveModel:
     """The model :class:`~revisit.learner.trainer.Trainer` builds for ``method``, untrained."""
     return ContrastiveModel(
@@ -506,6 +513,7 @@ def _export_and_publish(
                 metadata=metadata,
                 opset=settings.export.opset,
                 patch_size=patch_size,
+                graph_cache=graph_cache_dir(settings),
             )
             diffs[output] = parity_check(
                 staging / filename,

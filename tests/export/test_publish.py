@@ -38,6 +38,7 @@ from revisit.export.publish import (
 from revisit.ingest.chips import ChipStore
 from revisit.learner.encoder import scale_dn
 from revisit.types import CANONICAL_BANDS
+from tests.conftest import GRAPH_CACHE
 from tests.export.conftest import ExportWorld
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +88,9 @@ def _chips(world: ExportWorld, n: int) -> npt.NDArray[np.uint16]:
 
 
 def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("REVISIT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVISIT_")}
+    env["REVISIT_EXPORT__GRAPH_CACHE_DIR"] = str(GRAPH_CACHE)  # the session's, as cli_env's
+    return env
 
 
 def _sha256(path: Path) -> str:
