@@ -1,6 +1,6 @@
 """ONNX inference speed: onnxruntime against PyTorch eager on the same encoder and batch.
 
-The encoder is revisit's ResNet-18 (12-band stem, 512-d features) with random
+The encoder is revisit's ResNet-18 (12-band stem, pooled features of every depth) with random
 weights, exported by :func:`revisit.export.onnx.export_model` exactly as
 ``publish_onnx`` exports it. Both runtimes run in this one process on the CPU
 with the same number of threads, on the same float32 batch, one after the other
