@@ -406,17 +406,15 @@ def export_model(
     output_names = _output_names(module)
     started = time.perf_counter()
     try:
-        key = graphs.graph_key(module, opset=opset, output_names=output_names)
-        model = (
-            graphs.load_graph(graph_cache, key, module, output_names=output_names)
-            if graph_cache is not None
-            else None
-        )
+        model: onnx_ir.Model | None = None
+        if graph_cache is not None:
+            cache_key = graphs.graph_key(module, opset=opset, output_names=output_names)
+            model = graphs.load_graph(graph_cache, cache_key, module, output_names=output_names)
         traced = model is None
         if model is None:
             model = _trace(module, opset=opset, patch_size=patch_size, output_names=output_names)
             if graph_cache is not None:
-                graphs.store_graph(graph_cache, key, model)
+                graphs.store_graph(graph_cache, cache_key, model)
         optimize_ir(model)
         proto = onnx_ir.serde.serialize_model(model)
         del model
@@ -466,7 +464,7 @@ def _trace(
             verbose=False,
         )
     if program is None:
-        raise ExportError("torch.onnx.export returned no program")
+        raise ExportError(f"torch.onnx.export returned no program for the {module.output} model")
     return program.model
 
 
