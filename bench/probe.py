@@ -71,7 +71,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from types import ModuleType  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any, cast  # noqa: E402
 
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
@@ -87,6 +87,9 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from revisit.types import CANONICAL_BANDS  # noqa: E402
+
+if TYPE_CHECKING:
+    from revisit.export.onnx import FeaturePooling
 
 
 def _load_sibling(name: str) -> ModuleType:
@@ -268,7 +271,7 @@ def export_random(
     seed: int,
     band_mean: list[float] | None,
     band_std: list[float] | None,
-    pooling: str = "levels",
+    pooling: FeaturePooling = "levels",
 ) -> tuple[Path, bool]:
     """A randomly initialised encoder exported to ONNX; True when it got the band statistics.
 
@@ -287,7 +290,7 @@ def export_random(
     if band_mean is not None and band_std is not None:
         model.set_band_statistics(band_mean, band_std)
         standardised = True
-    module = FeatureModel(model, pooling="last" if pooling == "last" else "levels")
+    module = FeatureModel(model, pooling=pooling)
     metadata = model_metadata(
         module, method="random", step=0, model_version=None, patch_size=64, opset=18
     )
@@ -466,12 +469,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         started = time.perf_counter()
         # A model from before ``features_pooling`` existed pooled layer4 alone.
         pooling = meta.get("features_pooling") or ("last" if meta else "levels")
+        if pooling not in ("levels", "last"):
+            raise SystemExit(f"the model's features_pooling {pooling!r} is not levels or last")
         random_path, standardised = export_random(
             Path(tmp) / "random.onnx",
             seed=args.seed,
             band_mean=band_mean,
             band_std=band_std,
-            pooling=pooling,
+            pooling=cast("FeaturePooling", pooling),
         )
         note = "with the model's band statistics" if standardised else "no band statistics"
         note += f", {pooling} pooling"
