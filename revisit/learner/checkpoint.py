@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from revisit.errors import LearnerError
-from revisit.fsutil import TMP_SUFFIX, write_bytes_atomic
+from revisit.fsutil import TMP_SUFFIX, sha256_file, write_bytes_atomic
 
 #: Version of the file layout; a file of another version is refused with a clear error.
 CHECKPOINT_FORMAT = 1
@@ -87,26 +87,16 @@ def load_checkpoint(data_dir: Path, key: str, *, sha256: str | None = None) -> d
             is of another format.
     """
     path = _path(data_dir, key)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {key} is missing or unreadable: {exc}") from exc
     if sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {key} is missing or unreadable: {exc}") from exc
         if actual != sha256:
             raise CheckpointError(
                 f"checkpoint {key} fails its hash: sha256 {actual}, expected {sha256}"
             )
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds for a damaged file
-        raise CheckpointError(f"checkpoint {key} cannot be read: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(
-            f"checkpoint {key} has format {found!r}; this revisit reads format {CHECKPOINT_FORMAT}"
-        )
-    return payload
+    return _load(path, key)
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -116,18 +106,28 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         CheckpointError: The file is missing, cannot be read, or is of another format.
     """
     path = Path(path)
+    return _load(path, str(path))
+
+
+def _load(path: Path, label: str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint, memory-mapped, its format checked.
+
+    Memory-mapped (``mmap=True``): a tensor's pages are read from the file when
+    they are used, so what a reader leaves alone (the export leaves the
+    optimiser's state) never takes memory, and the file is never also held as
+    bytes beside the tensors made from it.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {label} is missing or unreadable: no such file {path}")
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} is missing or unreadable: {exc}") from exc
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises several kinds for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+        raise CheckpointError(f"checkpoint {label} cannot be read: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
-            f"checkpoint {path} has format {found!r}; this revisit reads format {CHECKPOINT_FORMAT}"
+            f"checkpoint {label} has format {found!r};"
+            f" this revisit reads format {CHECKPOINT_FORMAT}"
         )
     return payload
 
