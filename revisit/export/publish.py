@@ -51,13 +51,14 @@ The newest ``export.keep_versions`` versions are kept, and always the one
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -482,18 +483,14 @@ def _export_and_publish(
         sha256s: dict[str, str] = {}
         diffs: dict[str, float] = {}
         # Each wrapper holds a copy of an encoder: one at a time, each freed before the next.
-        wrappers: list[type[FeatureModel | EmbeddingModel | DenseModel]] = [
-            FeatureModel,
+        wrappers: list[Callable[[ContrastiveModel], FeatureModel | EmbeddingModel | DenseModel]] = [
+            functools.partial(FeatureModel, pooling=settings.export.features_pooling),
             EmbeddingModel,
         ]
         if settings.export.dense_model:
             wrappers.append(DenseModel)
         for wrapper in wrappers:
-            module = (
-                FeatureModel(model, pooling=settings.export.features_pooling)
-                if wrapper is FeatureModel
-                else wrapper(model)
-            )
+            module = wrapper(model)
             output = module.output
             filename = f"{name}.{output}.onnx"
             metadata = model_metadata(

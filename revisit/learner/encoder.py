@@ -231,6 +231,15 @@ class ResNet18Encoder(nn.Module):
             BasicBlock(in_channels=out_channels, out_channels=out_channels),
         )
 
+    def _stem(self, x: Tensor) -> Tensor:
+        """The input checked, standardised, and through the stem and its max-pool."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        stem: Tensor = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        return stem
+
     def forward(self, x: Tensor) -> Tensor:
         """Encode a batch of chips.
 
@@ -245,11 +254,7 @@ class ResNet18Encoder(nn.Module):
                 static properties are checked, so export with dynamic sizes stays
                 guard-free.)
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        x = self._stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.mean(dim=(2, 3))
 
@@ -277,11 +282,7 @@ class ResNet18Encoder(nn.Module):
         Raises:
             ValueError: As :meth:`forward`.
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        x = self._stem(x)
         pooled = [x.mean(dim=(2, 3))]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
