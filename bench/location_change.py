@@ -30,11 +30,16 @@ What a SQL user of ``v_change`` gets, scored against the OSCD change labels:
 
    - the stored estimate, as ``v_change`` gives it: ``ratio_ema`` (r),
      ``ratio_last`` (R), ``long_dist`` and ``change_probability``;
-   - ``model long_dist``: the distance between the two dates' embeddings under the
-     newest checkpoint's key encoder, measured again now (what r is made of,
-     without the history of the run);
-   - baselines: ``random long_dist``, the same with a randomly initialised model
-     (seed 0, the same input standardisation), and ``CVA chip mean``, the mean
+   - ``model long_dist``: the distance between the two dates' embeddings (head 0)
+     under the newest checkpoint's key encoder, measured again now: what r was
+     made of with ``learner.change_distance = "embedding"`` (CACo's);
+   - ``model dense ÷ city median``: the learner's dense distance (the default
+     ``change_distance``, :func:`revisit.learner.change.dense_distance`) of the
+     two dates under the same encoder, over its city's median (the ``date-pair``
+     calibration): what r is made of, without the history of the run;
+   - baselines: ``random long_dist`` and ``random dense ÷ city median``, the same
+     with a randomly initialised model (seed 0, the same input standardisation),
+     and ``CVA chip mean``, the mean
      over the chip of the change-vector magnitude (bands standardised per city
      and date over all its chips, as the data README's CVA), also divided by its
      city's median (the calibration R's ``date-pair`` denominator makes).
@@ -296,6 +301,34 @@ def embedding_distances(
     return dict(zip(locs, dist.tolist(), strict=True))
 
 
+def dense_distances(
+    model: Any,
+    pairs: dict[int, tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16]]],
+    crop: int,
+) -> dict[int, float]:
+    """The learner's dense distance (``learner.change_distance = "dense"``) of the two dates."""
+    import torch
+    import torch.nn.functional as F
+
+    from revisit.learner.change import DEFAULT_DENSE_DEPTH, dense_distance
+
+    model.eval()
+    locs = sorted(pairs)
+    out: dict[int, float] = {}
+    for start in range(0, len(locs), 128):
+        part = locs[start : start + 128]
+        x = torch.from_numpy(
+            np.stack([pairs[loc][i] for i in (0, 1) for loc in part]).astype(np.float32) * 1e-4
+        )
+        if crop and tuple(x.shape[-2:]) != (crop, crop):
+            x = F.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True)
+        _, maps = model.key_with_maps(x, DEFAULT_DENSE_DEPTH)
+        n = len(part)
+        dist = dense_distance([m[:n] for m in maps], [m[n:] for m in maps])
+        out.update(zip(part, dist.tolist(), strict=True))
+    return out
+
+
 def latest_model(ws: Workspace) -> Any:
     from revisit.db import learning
     from revisit.export.publish import load_model
@@ -394,7 +427,10 @@ def report(ws: Workspace, data: Path) -> None:
     crop = ws.load_settings().learner.crop_size
     model = latest_model(ws)
     trained = embedding_distances(model, pairs, crop)
-    rand = embedding_distances(random_model(model), pairs, crop)
+    trained_dense = dense_distances(model, pairs, crop)
+    untrained = random_model(model)
+    rand = embedding_distances(untrained, pairs, crop)
+    rand_dense = dense_distances(untrained, pairs, crop)
     cva = cva_chip_mean(pairs, city_of)
     cva_calibrated = per_city_calibrated(cva, city_of)
 
@@ -410,7 +446,9 @@ def report(ws: Workspace, data: Path) -> None:
             place.flag = bool(row.get("changed"))
         for name, values in (
             ("model long_dist", trained),
+            ("model dense ÷ city median", per_city_calibrated(trained_dense, city_of)),
             ("random long_dist", rand),
+            ("random dense ÷ city median", per_city_calibrated(rand_dense, city_of)),
             ("CVA chip mean", cva),
             ("CVA chip mean ÷ city median", cva_calibrated),
         ):
@@ -443,18 +481,20 @@ def report(ws: Workspace, data: Path) -> None:
         "stored long_dist",
         "stored change_probability",
         "model long_dist",
+        "model dense ÷ city median",
         "random long_dist",
+        "random dense ÷ city median",
         "CVA chip mean",
         "CVA chip mean ÷ city median",
     ]
     print()
-    print(f"{'row':28s} {'n':>5s} {'AUROC ≥1%':>10s} {'AUROC ≥5%':>10s}")
+    print(f"{'row':30s} {'n':>5s} {'AUROC ≥1%':>10s} {'AUROC ≥5%':>10s}")
     results: dict[str, float] = {}
     for name in names:
         a1, n = auroc(places, name, THRESHOLDS[0])
         a5, _ = auroc(places, name, THRESHOLDS[1])
         results[name] = a1
-        print(f"{name:28s} {n:5d} {a1:10.3f} {a5:10.3f}")
+        print(f"{name:30s} {n:5d} {a1:10.3f} {a5:10.3f}")
     print()
     print(
         f"{'changed flag':14s} {'flagged':>8s} {'base rate':>10s} {'precision':>10s} {'recall':>8s}"

@@ -292,6 +292,14 @@ class LearnerSettings(_Section):
         default=0.5, ge=0, le=1, description="Share of draws weighted by recency; the rest uniform."
     )
     beta: float = Field(default=0.8, ge=0, lt=1, description="EMA weight of the old ratio r.")
+    change_distance: Literal["dense", "embedding"] = Field(
+        default="dense",
+        description=(
+            "The distances R is made of: dense (the 90th percentile of cell distances on the"
+            " key encoder's stem, layer1 and layer2 maps) or embedding (CACo's: the head-0"
+            " projections)."
+        ),
+    )
     warmup_steps: int = Field(
         default=200, ge=0, description="Steps before the first mixture fit; long-term keys masked."
     )

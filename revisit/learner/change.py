@@ -99,6 +99,71 @@ def _l2_normalise(x: FloatArray) -> FloatArray:
     return out
 
 
+#: How many of the key encoder's levels :func:`dense_distance` compares by default:
+#: the stem, layer1 and layer2 (cells of 4, 4 and 8 pixels of the key view).
+DEFAULT_DENSE_DEPTH = 3
+#: The quantile of the cell distances :func:`dense_distance` takes (0.9: a change
+#: over a tenth of the chip's cells sets the distance; the unchanged rest does not).
+DEFAULT_DENSE_QUANTILE = 0.9
+
+
+def dense_distance(
+    maps_a: list[torch.Tensor],
+    maps_b: list[torch.Tensor],
+    *,
+    quantile: float = DEFAULT_DENSE_QUANTILE,
+) -> FloatArray:
+    r"""How far two images of a place are, cell by cell, on several levels of the encoder.
+
+    For each level l (feature maps :math:`a_l, b_l` of shape (N, C, H, W)), the
+    distance of every cell is :math:`\lVert a_l[:, :, i, j] - b_l[:, :, i, j] \rVert`
+    over the channels; the level's distance is the ``quantile`` of its cells'
+    distances, divided by the mean length of its feature vectors (over both images
+    and all cells), so that every level counts alike whatever its scale; the
+    result is the mean over levels.
+
+    Why not the distance of the pooled embeddings (CACo's): a change that covers a
+    few percent of a chip (a building, a cleared field) barely moves a global
+    average of 4,096 pixels, and the deep projection is trained to ignore much of
+    what a change looks like (colour and brightness shifts among the
+    augmentations). A high quantile of local distances on the shallow levels sees
+    a local change whatever the rest of the chip does. On the OSCD cities this
+    ranks places with ≥ 5 % changed pixels at AUROC 0.87 against the embedding
+    distance's 0.67 (docs/change-estimates.md).
+
+    Args:
+        maps_a: Feature maps of the first images, shallowest level first.
+        maps_b: The same levels of the second images, same shapes.
+        quantile: The quantile of the cell distances, in (0, 1].
+
+    Returns:
+        (N,) float64 distances, ≥ 0; 0 when the two images' maps are equal.
+
+    Raises:
+        ValueError: On no levels, mismatched shapes or a quantile out of range.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+    if not maps_a or len(maps_a) != len(maps_b):
+        raise ValueError(
+            f"need the same, non-zero number of levels, got {len(maps_a)} and {len(maps_b)}"
+        )
+    per_level = []
+    for level, (a, b) in enumerate(zip(maps_a, maps_b, strict=True)):
+        if a.ndim != 4 or a.shape != b.shape:
+            raise ValueError(
+                f"level {level}: maps must be (N, C, H, W) of one shape, got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        a, b = a.detach().float(), b.detach().float()
+        cells = (a - b).norm(dim=1).flatten(1)  # (N, H*W)
+        scale = 0.5 * (a.norm(dim=1).flatten(1).mean(1) + b.norm(dim=1).flatten(1).mean(1))
+        spread = torch.quantile(cells, quantile, dim=1)
+        per_level.append(spread / (scale + 1e-6))
+    out: FloatArray = torch.stack(per_level).mean(0).to("cpu", torch.float64).numpy()
+    return out
+
+
 def change_ratio(
     f_query: Embeddings,
     f_positive: Embeddings,

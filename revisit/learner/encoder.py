@@ -282,9 +282,35 @@ class ResNet18Encoder(nn.Module):
         Raises:
             ValueError: As :meth:`forward`.
         """
+        return torch.cat([m.mean(dim=(2, 3)) for m in self.level_maps(x)], dim=1)
+
+    #: How many feature maps :meth:`level_maps` gives at most: the stem and four layers.
+    n_levels: int = 5
+
+    def level_maps(self, x: Tensor, depth: int = n_levels) -> list[Tensor]:
+        """The feature maps of the first ``depth`` levels, shallowest first.
+
+        Level 1 is the stem after its max-pool (64 channels, stride 4), then
+        layer1 (64, stride 4), layer2 (128, stride 8), layer3 (256, stride 16) and
+        layer4 (512, stride 32): at ``depth`` 5 the last map, averaged over its
+        cells, is :meth:`forward`'s output.
+
+        Args:
+            x: As :meth:`forward`.
+            depth: How many levels, 1 to :attr:`n_levels`; the deeper ones are not
+                computed.
+
+        Returns:
+            ``depth`` tensors of shape (N, C_l, H_l, W_l).
+
+        Raises:
+            ValueError: As :meth:`forward`, or if ``depth`` is out of range.
+        """
+        if not 1 <= depth <= self.n_levels:
+            raise ValueError(f"depth must be 1 to {self.n_levels}, got {depth}")
         x = self._stem(x)
-        pooled = [x.mean(dim=(2, 3))]
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+        maps = [x]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[: depth - 1]:
             x = layer(x)
-            pooled.append(x.mean(dim=(2, 3)))
-        return torch.cat(pooled, dim=1)
+            maps.append(x)
+        return maps

@@ -58,6 +58,13 @@ class ChangeState:
         """Each location's running short-term distance from real pairs, where it has one."""
         return {loc: row.short_ref for loc, row in self._rows.items() if row.short_ref is not None}
 
+    def forget_short_refs(self) -> None:
+        """Drop every running short-term distance (they were measured on another scale)."""
+        for loc, row in self._rows.items():
+            if row.short_ref is not None:
+                self._rows[loc] = replace(row, short_ref=None)
+                self._dirty.add(loc)
+
     def ratios(self) -> npt.NDArray[np.float64]:
         """Every current r, in no particular order."""
         return np.fromiter((row.ratio_ema for row in self._rows.values()), dtype=np.float64)

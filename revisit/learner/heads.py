@@ -368,6 +368,21 @@ class ContrastiveModel(nn.Module):
         h = self.key_encoder(x)
         return [l2_normalize(head(h)) for head in self.key_heads]
 
+    @torch.no_grad()
+    def key_with_maps(self, x: Tensor, depth: int) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`key`, and the key encoder's shallowest feature maps from the same pass.
+
+        Args:
+            x: (N, C, H, W) reflectance.
+            depth: How many levels' maps (see :meth:`ResNet18Encoder.level_maps`).
+
+        Returns:
+            The keys, as :meth:`key`, and ``depth`` maps, shallowest first.
+        """
+        maps = self.key_encoder.level_maps(x)
+        h = maps[-1].mean(dim=(2, 3))
+        return [l2_normalize(head(h)) for head in self.key_heads], maps[:depth]
+
     def geo_logits(self, projection: Tensor) -> Tensor:
         """Geo-cluster logits for ``geo-tp``, from a query projection of head 0.
 

@@ -324,8 +324,22 @@ class OnlineLearner:
         self._last_checkpoint_step = self.step
         self._trainer = trainer
         self._state = ChangeState(estimates, beta=self.config.beta)
-        self._reference = ShortTermReference(own=self._state.short_refs())
-        self._reference.load_state_dict(None if payload is None else payload.get("calibration"))
+        calibration = None if payload is None else payload.get("calibration")
+        own = self._state.short_refs()
+        if payload is not None:
+            # A checkpoint from before learner.change_distance measured embeddings.
+            before = (payload.get("settings") or {}).get("change_distance", "embedding")
+            if before != self.config.change_distance:
+                logger.warning(
+                    "learner.change_distance is %s, the checkpoint's was %s: the calibrated"
+                    " short-term distances (other scale) start over",
+                    self.config.change_distance,
+                    before,
+                )
+                calibration, own = None, {}
+                self._state.forget_short_refs()
+        self._reference = ShortTermReference(own=own)
+        self._reference.load_state_dict(calibration)
         if self.method == "geo-tp":
             self._assign_clusters()
 

@@ -49,7 +49,12 @@ from torch.nn import functional as F
 
 from revisit.config import LearnerMethod, LearnerSettings
 from revisit.learner.augment import Augment, policy_augment
-from revisit.learner.change import change_ratio
+from revisit.learner.change import (
+    DEFAULT_DENSE_DEPTH,
+    DEFAULT_EPS,
+    change_ratio,
+    dense_distance,
+)
 from revisit.learner.distributed import Distributed
 from revisit.learner.heads import ContrastiveModel, KeyQueue, l2_normalize, upgrade_model_state
 from revisit.learner.loader import TrainBatch
@@ -80,8 +85,10 @@ class StepResult:
     Attributes:
         loss: The step's loss.
         ratio: (B,) R per row; NaN where the row has no long-term image.
-        long_dist: (B,) ‖f(q) - f(k_lt)‖ (NaN without a long-term image).
-        short_dist: (B,) ‖f(q) - f(k+)‖.
+        long_dist: (B,) d(q, k_lt) (NaN without a long-term image), d as
+            ``learner.change_distance`` says: :func:`~revisit.learner.change.dense_distance`
+            of the key encoder's shallow maps, or ‖f(q) - f(k_lt)‖ of the head-0 keys.
+        short_dist: (B,) d(q, k+).
     """
 
     loss: float
@@ -322,8 +329,13 @@ class Trainer:
         keyed = self._key_view(
             torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)
         )
+        dense = self.settings.change_distance == "dense"
         with self._autocast():
-            keys = [k.float() for k in model.key(keyed)]
+            if dense:
+                key_list, maps = model.key_with_maps(keyed, DEFAULT_DENSE_DEPTH)
+            else:
+                key_list, maps = model.key(keyed), []
+            keys = [k.float() for k in key_list]
         f_query, f_positive = keys[0][:n], keys[0][n : 2 * n]
         f_longterm = torch.zeros_like(f_query)
         f_longterm[valid.to(self.device)] = keys[0][2 * n :]
@@ -412,11 +424,26 @@ class Trainer:
         for head, k in enumerate(enqueue):
             self._queue(head).enqueue(k)
 
+        valid_np = valid.numpy()
+        nan = np.full(n, np.nan)
+        if dense:
+            # R's distances from the key pass's shallow maps (change.dense_distance):
+            # rows [0, n) are q, [n, 2n) k+, [2n, ...) the valid rows' k_lt.
+            short = dense_distance([m[:n] for m in maps], [m[n : 2 * n] for m in maps])
+            long = np.full(n, np.nan)
+            if valid_np.any():
+                long[valid_np] = dense_distance(
+                    [m[:n][valid.to(m.device)] for m in maps], [m[2 * n :] for m in maps]
+                )
+            return StepResult(
+                loss=float(loss.detach()),
+                ratio=long / (short + DEFAULT_EPS),
+                long_dist=long,
+                short_dist=short,
+            )
         ratio = change_ratio(
             f_query.cpu().numpy(), f_positive.cpu().numpy(), f_longterm.cpu().numpy()
         )
-        valid_np = valid.numpy()
-        nan = np.full(n, np.nan)
         return StepResult(
             loss=float(loss.detach()),
             ratio=np.where(valid_np, ratio.ratio, nan),

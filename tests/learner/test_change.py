@@ -18,6 +18,7 @@ from revisit.learner.change import (
     DegenerateRatiosError,
     ashman_d,
     change_ratio,
+    dense_distance,
     ema_update,
     fit_change_mixture,
 )
@@ -26,6 +27,68 @@ from revisit.learner.change import (
 def unit(angle_deg: float) -> list[float]:
     a = math.radians(angle_deg)
     return [math.cos(a), math.sin(a)]
+
+
+# --- dense_distance ---------------------------------------------------------------------------
+
+
+def _maps(seed: int = 0, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 4, 8, 8, generator=g), torch.rand(n, 6, 4, 4, generator=g)]
+
+
+def test_dense_distance_is_zero_for_equal_maps_and_positive_otherwise() -> None:
+    a, b = _maps(0), _maps(1)
+    assert dense_distance(a, [m.clone() for m in a]).tolist() == [0.0, 0.0, 0.0]
+    d = dense_distance(a, b)
+    assert d.dtype == np.float64 and d.shape == (3,) and (d > 0).all()
+
+
+def test_dense_distance_hand_value() -> None:
+    # One level, one channel, 10 cells: a = 1 everywhere, b = 1 but 3 at the last cell.
+    # Cell distances: nine 0, one 2; their 0.9-quantile (linear) is 0.2; the mean
+    # length is (1 + 1.2) / 2 = 1.1; the distance 0.2 / 1.1.
+    a = torch.ones(1, 1, 1, 10)
+    b = a.clone()
+    b[0, 0, 0, 9] = 3.0
+    assert dense_distance([a], [b]).tolist() == pytest.approx([0.2 / 1.1], rel=1e-5)
+
+
+def test_dense_distance_each_level_counts_whatever_its_scale() -> None:
+    a, b = _maps(0), _maps(1)
+    scaled_a = [a[0] * 1000.0, a[1]]
+    scaled_b = [b[0] * 1000.0, b[1]]
+    assert dense_distance(scaled_a, scaled_b) == pytest.approx(dense_distance(a, b), rel=1e-5)
+
+
+def test_dense_distance_sees_a_local_change_the_pooled_average_hides() -> None:
+    # A change over a fifth of the cells that leaves the chip's mean unchanged.
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 8, 10, 10, generator=g) + 1.0
+    b = a.clone()
+    b[:, :4, :2, :] += 0.5
+    b[:, 4:, :2, :] -= 0.5
+    b[:, :4, 2:4, :] -= 0.5
+    b[:, 4:, 2:4, :] += 0.5
+    pooled = (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).norm(dim=1)
+    assert float(pooled) == pytest.approx(0.0, abs=1e-5)
+    assert dense_distance([a], [b])[0] > 0.2  # cells 1.41 apart, vectors about 4.3 long
+    # The larger the changed share, the larger the distance (here up to the quantile).
+    small = a.clone()
+    small[:, :4, :1, :5] += 0.5
+    assert dense_distance([a], [small])[0] < dense_distance([a], [b])[0]
+
+
+def test_dense_distance_refuses_bad_input() -> None:
+    a, b = _maps(0), _maps(1)
+    with pytest.raises(ValueError, match="quantile"):
+        dense_distance(a, b, quantile=0.0)
+    with pytest.raises(ValueError, match="levels"):
+        dense_distance([], [])
+    with pytest.raises(ValueError, match="levels"):
+        dense_distance(a, b[:1])
+    with pytest.raises(ValueError, match="level 1"):
+        dense_distance(a, [b[0], b[1][:, :3]])
 
 
 # --- change_ratio -----------------------------------------------------------------------------

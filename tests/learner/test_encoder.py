@@ -49,6 +49,30 @@ def test_pooled_levels_hold_every_depth_and_end_in_the_features(
         encoder.pooled_levels(torch.rand(2, 3, 32, 32))
 
 
+def test_level_maps_are_the_levels_shallowest_first(encoder: ResNet18Encoder) -> None:
+    torch.manual_seed(4)
+    encoder.eval()
+    x = torch.rand(2, len(CANONICAL_BANDS), 64, 64)
+    with torch.no_grad():
+        maps = encoder.level_maps(x)
+        shallow = encoder.level_maps(x, depth=2)
+        levels = encoder.pooled_levels(x)
+    assert [tuple(m.shape) for m in maps] == [
+        (2, 64, 16, 16),
+        (2, 64, 16, 16),
+        (2, 128, 8, 8),
+        (2, 256, 4, 4),
+        (2, 512, 2, 2),
+    ]
+    assert len(shallow) == 2
+    torch.testing.assert_close(shallow[1], maps[1], rtol=0, atol=0)
+    pooled = torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+    torch.testing.assert_close(pooled, levels, rtol=0, atol=0)
+    for depth in (0, 6):
+        with pytest.raises(ValueError, match="depth must be 1 to 5"):
+            encoder.level_maps(x, depth=depth)
+
+
 def test_non_square_input(encoder: ResNet18Encoder) -> None:
     x = torch.rand(2, 12, 48, 64)
     assert encoder(x).shape == (2, 512)

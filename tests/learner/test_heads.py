@@ -216,6 +216,23 @@ def test_contrastive_model_shapes(seco_model: ContrastiveModel) -> None:
     assert all(isinstance(q, KeyQueue) and q.size == 64 for q in seco_model.queues)
 
 
+def test_key_with_maps_gives_the_keys_and_the_key_encoders_shallow_maps(
+    seco_model: ContrastiveModel,
+) -> None:
+    torch.manual_seed(5)
+    seco_model.eval()
+    x = torch.rand(2, 12, 32, 32)
+    keys, maps = seco_model.key_with_maps(x, 3)
+    for got, expected in zip(keys, seco_model.key(x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    expected_maps = seco_model.key_encoder.level_maps(x, depth=3)
+    assert len(maps) == 3
+    for got_map, expected_map in zip(maps, expected_maps, strict=True):
+        torch.testing.assert_close(got_map, expected_map, rtol=0, atol=0)
+        assert not got_map.requires_grad
+    seco_model.train()
+
+
 def test_key_side_has_no_grad(seco_model: ContrastiveModel) -> None:
     key_params = [*seco_model.key_encoder.parameters(), *seco_model.key_heads.parameters()]
     assert key_params and all(not p.requires_grad for p in key_params)

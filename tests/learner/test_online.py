@@ -347,3 +347,39 @@ def test_real_short_term_pairs_keep_cacos_ratio(
         else:
             assert e.denominator in ("own", "others", "date-pair")
     assert _scalar(world_engine, "SELECT count(*) FROM change_estimate WHERE short_ref IS NOT NULL")
+
+
+def test_another_change_distance_starts_the_calibration_over(
+    world_url: str,
+    world_engine: sa.Engine,
+    world_store: ChipStore,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dense = learner_settings(world_url, tmp_path / "var")
+    assert dense.learner.change_distance == "dense"
+    with OnlineLearner(settings=dense, engine=world_engine, store=world_store) as learner:
+        learner.run(10)
+        assert learner._reference.own
+    embedding = learner_settings(world_url, tmp_path / "var", change_distance="embedding")
+    with (
+        caplog.at_level("WARNING", logger="revisit.learner.online"),
+        OnlineLearner(settings=embedding, engine=world_engine, store=world_store) as learner,
+    ):
+        # Short-term distances of the other scale are not mixed with the new ones.
+        assert learner._reference.own == {}
+        assert learner._reference.state_dict() == {"pairs": {}}
+        learner.run(5)  # checkpoints at 15, now with its own distance
+        measured = set(learner._reference.own)
+    assert "the calibrated short-term distances (other scale) start over" in caplog.text
+    stored = dict(
+        _rows(
+            world_engine,
+            "SELECT location_id, short_ref FROM change_estimate WHERE short_ref IS NOT NULL",
+        )
+    )
+    assert stored and set(stored) <= measured  # none of the old scale is left behind
+    caplog.clear()
+    with OnlineLearner(settings=embedding, engine=world_engine, store=world_store) as learner:
+        assert learner._reference.own == stored  # the same distance: resumed as it was
+    assert "start over" not in caplog.text

@@ -189,3 +189,58 @@ def test_a_new_model_starts_its_schedule_at_its_own_first_step(
         assert rate == pytest.approx(learning_rate(settings.learner, 1))
     with OnlineLearner(settings=settings, engine=world_engine, store=world_store) as learner:
         assert learner.trainer.start_step == 3  # resumed from its checkpoint
+
+
+@pytest.mark.parametrize("distance", ["dense", "embedding"])
+def test_the_step_measures_r_with_the_configured_distance(distance: str) -> None:
+    import copy
+
+    import torch.nn.functional as F
+
+    from revisit.learner.change import DEFAULT_DENSE_DEPTH, change_ratio, dense_distance
+
+    settings = LearnerSettings(
+        queue_size=64, crop_size=32, lr_warmup_steps=0, change_distance=distance
+    )
+    rng = np.random.default_rng(1)
+    n = 4
+    chips = rng.integers(300, 3000, size=(3, n, 12, 64, 64), dtype=np.uint16)
+    tuples = TupleBatch(
+        location_id=np.arange(n),
+        query_id=np.arange(n),
+        positive_id=np.arange(n, 2 * n),
+        longterm_id=np.array([8, -1, 10, 11]),  # row 1 has no long-term image
+        query_time=np.full(n, 4e8),
+        longterm_time=np.full(n, 3e8),
+    )
+    raw = RawBatch(step=1, tuples=tuples, query=chips[0], positive=chips[1], longterm=chips[2])
+    batch = assemble_batch(
+        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
+    )
+    trainer = Trainer(settings)
+    before = copy.deepcopy(trainer.model)  # the key side as the step sees it
+    valid = batch.longterm_valid
+    keyed = F.interpolate(
+        torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]]),
+        size=(32, 32),
+        mode="bilinear",
+        antialias=True,
+    )
+    keys, maps = before.key_with_maps(keyed, DEFAULT_DENSE_DEPTH)
+    result = trainer.train_step(batch, changed=np.zeros(n, dtype=bool))
+
+    assert valid.tolist() == [True, False, True, True]
+    assert np.isnan(result.long_dist[1]) and np.isnan(result.ratio[1])
+    if distance == "dense":
+        long = dense_distance([m[:n][valid] for m in maps], [m[2 * n :] for m in maps])
+        short = dense_distance([m[:n] for m in maps], [m[n : 2 * n] for m in maps])
+    else:
+        f_lt = torch.zeros_like(keys[0][:n])
+        f_lt[valid] = keys[0][2 * n :]
+        ratio = change_ratio(keys[0][:n], keys[0][n : 2 * n], f_lt)
+        long, short = ratio.long_dist[valid.numpy()], ratio.short_dist
+    np.testing.assert_allclose(result.long_dist[valid.numpy()], long, rtol=1e-4)
+    np.testing.assert_allclose(result.short_dist, short, rtol=1e-4)
+    np.testing.assert_allclose(
+        result.ratio[valid.numpy()], long / (short[valid.numpy()] + 1e-4), rtol=1e-4
+    )
