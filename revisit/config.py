@@ -296,8 +296,8 @@ class LearnerSettings(_Section):
         default="dense",
         description=(
             "The distances R is made of: dense (the 90th percentile of cell distances on the"
-            " key encoder's stem, layer1 and layer2 maps) or embedding (CACo's: the head-0"
-            " projections)."
+            " key encoder's standardised input and stem, layer1 and layer2 maps) or embedding"
+            " (CACo's: the head-0 projections)."
         ),
     )
     warmup_steps: int = Field(

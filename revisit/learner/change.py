@@ -99,8 +99,9 @@ def _l2_normalise(x: FloatArray) -> FloatArray:
     return out
 
 
-#: How many of the key encoder's levels :func:`dense_distance` compares by default:
-#: the stem, layer1 and layer2 (cells of 4, 4 and 8 pixels of the key view).
+#: How many of the key encoder's levels :func:`dense_distance` compares by default,
+#: besides its standardised input: the stem, layer1 and layer2 (cells of 1, 4, 4 and
+#: 8 pixels of the key view).
 DEFAULT_DENSE_DEPTH = 3
 #: The quantile of the cell distances :func:`dense_distance` takes (0.9: a change
 #: over a tenth of the chip's cells sets the distance; the unchanged rest does not).
@@ -122,14 +123,18 @@ def dense_distance(
     and all cells), so that every level counts alike whatever its scale; the
     result is the mean over levels.
 
+    The learner passes the key encoder's standardised input and its stem, layer1
+    and layer2 maps (:meth:`ContrastiveModel.key_with_maps`): the hypercolumn of
+    deep change vector analysis (Saha et al., TGRS 2019), input level included,
+    as the pair maps have it (:mod:`revisit.export.hypercolumn`).
+
     Why not the distance of the pooled embeddings (CACo's): a change that covers a
     few percent of a chip (a building, a cleared field) barely moves a global
     average of 4,096 pixels, and the deep projection is trained to ignore much of
     what a change looks like (colour and brightness shifts among the
     augmentations). A high quantile of local distances on the shallow levels sees
-    a local change whatever the rest of the chip does. On the OSCD cities this
-    ranks places with ≥ 5 % changed pixels at AUROC 0.87 against the embedding
-    distance's 0.67 (docs/change-estimates.md).
+    a local change whatever the rest of the chip does (docs/change-estimates.md
+    measures both on the OSCD cities).
 
     Args:
         maps_a: Feature maps of the first images, shallowest level first.

@@ -370,18 +370,25 @@ class ContrastiveModel(nn.Module):
 
     @torch.no_grad()
     def key_with_maps(self, x: Tensor, depth: int) -> tuple[list[Tensor], list[Tensor]]:
-        """:meth:`key`, and the key encoder's shallowest feature maps from the same pass.
+        """:meth:`key`, and the key encoder's input and shallowest feature maps from one pass.
 
         Args:
             x: (N, C, H, W) reflectance.
-            depth: How many levels' maps (see :meth:`ResNet18Encoder.level_maps`).
+            depth: How many of the encoder's levels (see
+                :meth:`ResNet18Encoder.level_maps`).
 
         Returns:
-            The keys, as :meth:`key`, and ``depth`` maps, shallowest first.
+            The keys, as :meth:`key`, and ``depth + 1`` maps: the standardised input
+            (the encoder's :class:`BandNormalize` of ``x``), then the ``depth``
+            shallowest levels.
         """
-        maps = self.key_encoder.level_maps(x)
+        encoder = self.key_encoder
+        maps = encoder.level_maps(x)
         h = maps[-1].mean(dim=(2, 3))
-        return [l2_normalize(head(h)) for head in self.key_heads], maps[:depth]
+        return [l2_normalize(head(h)) for head in self.key_heads], [
+            encoder.normalize(x),
+            *maps[:depth],
+        ]
 
     def geo_logits(self, projection: Tensor) -> Tensor:
         """Geo-cluster logits for ``geo-tp``, from a query projection of head 0.

@@ -216,7 +216,7 @@ def test_contrastive_model_shapes(seco_model: ContrastiveModel) -> None:
     assert all(isinstance(q, KeyQueue) and q.size == 64 for q in seco_model.queues)
 
 
-def test_key_with_maps_gives_the_keys_and_the_key_encoders_shallow_maps(
+def test_key_with_maps_gives_the_keys_the_standardised_input_and_the_shallow_maps(
     seco_model: ContrastiveModel,
 ) -> None:
     torch.manual_seed(5)
@@ -225,8 +225,11 @@ def test_key_with_maps_gives_the_keys_and_the_key_encoders_shallow_maps(
     keys, maps = seco_model.key_with_maps(x, 3)
     for got, expected in zip(keys, seco_model.key(x), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    expected_maps = seco_model.key_encoder.level_maps(x, depth=3)
-    assert len(maps) == 3
+    expected_maps = [
+        seco_model.key_encoder.normalize(x),
+        *seco_model.key_encoder.level_maps(x, depth=3),
+    ]
+    assert len(maps) == 4
     for got_map, expected_map in zip(maps, expected_maps, strict=True):
         torch.testing.assert_close(got_map, expected_map, rtol=0, atol=0)
         assert not got_map.requires_grad
