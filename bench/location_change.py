@@ -273,13 +273,21 @@ def per_city_calibrated(values: dict[int, float], city_of: dict[int, str]) -> di
     return {loc: v / median[city_of[loc]] for loc, v in values.items()}
 
 
-def _embed(model: Any, chips: npt.NDArray[np.uint16], crop: int) -> npt.NDArray[np.float64]:
+def _key_view(chips: npt.NDArray[np.uint16], crop: int) -> Any:
+    """Chips as the learner's key side sees them: reflectance, resized to the crop size."""
     import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(chips.astype(np.float32) * 1e-4)
     if crop and tuple(x.shape[-2:]) != (crop, crop):
         x = F.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True)
+    return x
+
+
+def _embed(model: Any, chips: npt.NDArray[np.uint16], crop: int) -> npt.NDArray[np.float64]:
+    import torch
+
+    x = _key_view(chips, crop)
     with torch.no_grad():
         out = torch.cat([model.key(x[i : i + 256])[0] for i in range(0, len(x), 256)])
     return out.double().numpy()
@@ -307,9 +315,6 @@ def dense_distances(
     crop: int,
 ) -> dict[int, float]:
     """The learner's dense distance (``learner.change_distance = "dense"``) of the two dates."""
-    import torch
-    import torch.nn.functional as F
-
     from revisit.learner.change import DEFAULT_DENSE_DEPTH, dense_distance
 
     model.eval()
@@ -317,11 +322,7 @@ def dense_distances(
     out: dict[int, float] = {}
     for start in range(0, len(locs), 128):
         part = locs[start : start + 128]
-        x = torch.from_numpy(
-            np.stack([pairs[loc][i] for i in (0, 1) for loc in part]).astype(np.float32) * 1e-4
-        )
-        if crop and tuple(x.shape[-2:]) != (crop, crop):
-            x = F.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True)
+        x = _key_view(np.stack([pairs[loc][i] for i in (0, 1) for loc in part]), crop)
         _, maps = model.key_with_maps(x, DEFAULT_DENSE_DEPTH)
         n = len(part)
         dist = dense_distance([m[:n] for m in maps], [m[n:] for m in maps])
