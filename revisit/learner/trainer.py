@@ -87,7 +87,8 @@ class StepResult:
         ratio: (B,) R per row; NaN where the row has no long-term image.
         long_dist: (B,) d(q, k_lt) (NaN without a long-term image), d as
             ``learner.change_distance`` says: :func:`~revisit.learner.change.dense_distance`
-            of the key encoder's shallow maps, or ‖f(q) - f(k_lt)‖ of the head-0 keys.
+            of the standardised input and the key encoder's shallow maps, or ‖f(q) - f(k_lt)‖
+            of the head-0 keys.
         short_dist: (B,) d(q, k+).
     """
 
@@ -427,7 +428,7 @@ class Trainer:
         valid_np = valid.numpy()
         nan = np.full(n, np.nan)
         if dense:
-            # R's distances from the key pass's shallow maps (change.dense_distance):
+            # R's distances from the key pass's input and shallow maps (change.dense_distance):
             # rows [0, n) are q, [n, 2n) k+, [2n, ...) the valid rows' k_lt.
             short = dense_distance([m[:n] for m in maps], [m[n : 2 * n] for m in maps])
             long = np.full(n, np.nan)
