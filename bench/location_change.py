@@ -73,6 +73,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -284,13 +285,26 @@ def _key_view(chips: npt.NDArray[np.uint16], crop: int) -> Any:
     return x
 
 
-def _embed(model: Any, chips: npt.NDArray[np.uint16], crop: int) -> npt.NDArray[np.float64]:
-    import torch
+def _pair_distances(
+    model: Any,
+    pairs: dict[int, tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16]]],
+    crop: int,
+    distance: Callable[[Any, Any], npt.NDArray[np.float64]],
+) -> dict[int, float]:
+    """``distance(older, newer)`` of each location's two key views, in eval mode, 128 at a time.
 
-    x = _key_view(chips, crop)
-    with torch.no_grad():
-        out = torch.cat([model.key(x[i : i + 256])[0] for i in range(0, len(x), 256)])
-    return out.double().numpy()
+    In eval mode batch-norm uses its running statistics, so a row's distance does
+    not depend on which rows share its batch.
+    """
+    model.eval()
+    locs = sorted(pairs)
+    out: dict[int, float] = {}
+    for start in range(0, len(locs), 128):
+        part = locs[start : start + 128]
+        older = _key_view(np.stack([pairs[loc][0] for loc in part]), crop)
+        newer = _key_view(np.stack([pairs[loc][1] for loc in part]), crop)
+        out.update(zip(part, distance(older, newer).tolist(), strict=True))
+    return out
 
 
 def embedding_distances(
@@ -298,15 +312,14 @@ def embedding_distances(
     pairs: dict[int, tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16]]],
     crop: int,
 ) -> dict[int, float]:
-    """‖f(newer) - f(older)‖ with the key encoder and head 0, in eval mode."""
-    model.eval()
-    locs = sorted(pairs)
-    if not locs:
-        return {}
-    older = _embed(model, np.stack([pairs[loc][0] for loc in locs]), crop)
-    newer = _embed(model, np.stack([pairs[loc][1] for loc in locs]), crop)
-    dist = np.linalg.norm(newer - older, axis=1)
-    return dict(zip(locs, dist.tolist(), strict=True))
+    """‖f(newer) - f(older)‖ with the key encoder and head 0."""
+
+    def distance(older: Any, newer: Any) -> npt.NDArray[np.float64]:
+        diff = (model.key(newer)[0] - model.key(older)[0]).double().numpy()
+        out: npt.NDArray[np.float64] = np.linalg.norm(diff, axis=1)
+        return out
+
+    return _pair_distances(model, pairs, crop, distance)
 
 
 def dense_distances(
@@ -317,17 +330,12 @@ def dense_distances(
     """The learner's dense distance (``learner.change_distance = "dense"``) of the two dates."""
     from revisit.learner.change import DEFAULT_DENSE_DEPTH, dense_distance
 
-    model.eval()
-    locs = sorted(pairs)
-    out: dict[int, float] = {}
-    for start in range(0, len(locs), 128):
-        part = locs[start : start + 128]
-        x = _key_view(np.stack([pairs[loc][i] for i in (0, 1) for loc in part]), crop)
-        _, maps = model.key_with_maps(x, DEFAULT_DENSE_DEPTH)
-        n = len(part)
-        dist = dense_distance([m[:n] for m in maps], [m[n:] for m in maps])
-        out.update(zip(part, dist.tolist(), strict=True))
-    return out
+    def distance(older: Any, newer: Any) -> npt.NDArray[np.float64]:
+        _, before = model.key_with_maps(older, DEFAULT_DENSE_DEPTH)
+        _, after = model.key_with_maps(newer, DEFAULT_DENSE_DEPTH)
+        return dense_distance(before, after)
+
+    return _pair_distances(model, pairs, crop, distance)
 
 
 def latest_model(ws: Workspace) -> Any:
