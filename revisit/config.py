@@ -300,6 +300,16 @@ class LearnerSettings(_Section):
             " (CACo's: the head-0 projections)."
         ),
     )
+    bn_splits: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Batch-norm groups of a step (MoCo's shuffle-BN on one process): the query batch"
+            " is normalised in this many groups, and each location's key rows in another"
+            " group than its query's; 1: one group each."
+        ),
+    )
     warmup_steps: int = Field(
         default=200, ge=0, description="Steps before the first mixture fit; long-term keys masked."
     )

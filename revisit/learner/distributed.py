@@ -24,8 +24,9 @@ How a step is shared (``revisit.learner.online`` and ``revisit.learner.trainer``
   in one process with the global batch, and the keys that enter the queues are
   every rank's, in rank order, so every rank holds the same queues.
 - **Batch norm.** Each rank's batch norm normalises with its own rows' batch
-  statistics (no shuffle-BN: a row's q, k+ and k_lt stay in one key batch, as in
-  one process), and after every step the running statistics of both encoders are
+  statistics (no shuffle across ranks: a row's q, k+ and k_lt stay in one key
+  batch, as in one process; ``learner.bn_splits`` groups each rank's own rows as it
+  does in one process), and after every step the running statistics of both encoders are
   averaged over the ranks (:meth:`average_`), so every rank holds the same
   buffers and the exported model's are those of the global batch.
 - **Change estimates.** R of every rank's rows is gathered to every rank

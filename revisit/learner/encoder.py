@@ -21,7 +21,8 @@ graph, so the exported models' input contract stays DN / 10000.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import numpy.typing as npt
@@ -131,6 +132,51 @@ class BandNormalize(nn.Module):
         return f"channels={self.mean.numel()}"
 
 
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training and while :attr:`segments` is set, normalises consecutive
+    row segments of the batch each on its own statistics.
+
+    ``segments`` (row counts summing to the batch) is what :func:`batchnorm_segments`
+    sets for one pass; the convolutions still see the whole batch, only the batch
+    statistics are per segment, so a pass is as fast as an ungrouped one. This is
+    MoCo's SplitBatchNorm (its single-GPU demo), with segments of any size instead of
+    equal splits. Unset, or in eval mode, it is :class:`torch.nn.BatchNorm2d`, with
+    the same parameters and buffers (checkpoints and exports do not see the class).
+    Each segment moves the running statistics as a batch of its own would.
+    """
+
+    segments: list[int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        segments = self.segments
+        if not self.training or segments is None or len(segments) < 2:
+            return super().forward(x)
+        if sum(segments) != x.shape[0]:
+            raise ValueError(f"segments {segments} do not add up to a batch of {x.shape[0]}")
+        parts = torch.split(x, segments)
+        return torch.cat([super(GroupedBatchNorm2d, self).forward(p) for p in parts])
+
+
+@contextmanager
+def batchnorm_segments(module: nn.Module, segments: Sequence[int] | None) -> Iterator[None]:
+    """Within the block, every :class:`GroupedBatchNorm2d` of ``module`` uses ``segments``.
+
+    Args:
+        module: The network (its grouped batch norms are found among its modules).
+        segments: Row counts of consecutive segments of the next batches; None or
+            one segment: ordinary batch norm.
+    """
+    norms = [m for m in module.modules() if isinstance(m, GroupedBatchNorm2d)]
+    value = None if segments is None else [int(s) for s in segments]
+    for norm in norms:
+        norm.segments = value
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.segments = None
+
+
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
@@ -147,15 +193,15 @@ class BasicBlock(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = GroupedBatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = GroupedBatchNorm2d(out_channels)
         self.downsample: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                GroupedBatchNorm2d(out_channels),
             )
         else:
             self.downsample = nn.Identity()
@@ -205,7 +251,7 @@ class ResNet18Encoder(nn.Module):
         self.in_channels = in_channels
         self.normalize = BandNormalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = GroupedBatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(64, 64, stride=1)

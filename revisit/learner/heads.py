@@ -279,8 +279,8 @@ class ContrastiveModel(nn.Module):
     The key encoder and key heads are deep copies made at construction, with
     ``requires_grad`` off; :meth:`momentum_update` moves them towards the query side.
     Their BatchNorm layers run in whatever mode the model is in (``train()`` uses
-    batch statistics, as MoCo's key encoder does; single-device training has no
-    shuffle-BN).
+    batch statistics, as MoCo's key encoder does; ``learner.bn_splits`` groups them
+    as MoCo's shuffle-BN does, see :func:`revisit.learner.trainer.key_groups`).
 
     Args:
         n_heads: Number of projection heads; 1 by default.

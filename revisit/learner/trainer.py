@@ -31,13 +31,15 @@ view), channels-last convolutions, a linear learning-rate warm-up followed by a
 cosine decay (:func:`learning_rate`, a pure function of the step, so a resumed
 learner takes the rate the uninterrupted one would have). ``learner.device``
 selects the CPU or a CUDA device; on CUDA the forward passes run under bf16
-autocast and batches travel through pinned memory. Checkpoints hold CPU tensors
+autocast and batches travel through pinned memory. ``learner.bn_splits`` is
+MoCo's shuffle-BN on one process (:func:`key_groups`). Checkpoints hold CPU tensors
 whatever the device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -56,6 +58,7 @@ from revisit.learner.change import (
     dense_distance,
 )
 from revisit.learner.distributed import Distributed
+from revisit.learner.encoder import batchnorm_segments
 from revisit.learner.heads import ContrastiveModel, KeyQueue, l2_normalize, upgrade_model_state
 from revisit.learner.loader import TrainBatch
 from revisit.learner.losses import (
@@ -175,6 +178,101 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+def query_groups(n: int, splits: int) -> Tensor:
+    """The batch-norm group of each of ``n`` query rows: ``splits`` contiguous chunks.
+
+    The chunks are those of :meth:`torch.Tensor.tensor_split`, which the query side's
+    forward normalises one at a time.
+    """
+    return torch.cat(
+        [torch.full((len(c),), g) for g, c in enumerate(torch.arange(n).tensor_split(splits))]
+    )
+
+
+def key_groups(n: int, splits: int, generator: torch.Generator) -> Tensor:
+    """The batch-norm group of each location's key rows: always another than its query's.
+
+    MoCo's shuffle-BN on one process (He et al., 2020, §3.3). Batch statistics shared
+    by a query and its positive key let the pair find each other through them, and
+    the loss then falls without the features learning anything (the "cheating" MoCo
+    names). MoCo breaks the link by normalising the keys on other GPUs than their
+    queries; here the query batch is normalised in ``splits`` chunks and the members
+    of each chunk are dealt, in a random order, evenly over the *other* groups, so no
+    key is normalised with its own query's group. A location's key rows (q, k+ and
+    k_lt alike) share one group, so R's distances compare maps normalised alike.
+
+    Args:
+        n: Locations (query rows) in the batch.
+        splits: Groups, at least 2 and at most ``n``.
+        generator: Source of the random order.
+
+    Returns:
+        (n,) int64 group indices in ``[0, splits)``.
+    """
+    if not 2 <= splits <= n:
+        raise ValueError(f"splits must be in [2, {n}], got {splits}")
+    own = query_groups(n, splits)
+    groups = torch.empty(n, dtype=torch.int64)
+    for g in range(splits):
+        members = torch.nonzero(own == g).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        offsets = torch.arange(len(members)) % (splits - 1) + 1
+        groups[members] = (g + offsets) % splits
+    return groups
+
+
+def step_key_groups(settings: LearnerSettings, step: int, n: int) -> Tensor | None:
+    """The key groups (:func:`key_groups`) of a step's ``n`` locations; None for one group.
+
+    ``min(bn_splits, n)`` groups in an order drawn from the seed and the step, so a
+    resumed learner draws what the uninterrupted one would have.
+    """
+    splits = min(settings.bn_splits, n)
+    if splits < 2:
+        return None
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    return key_groups(n, splits, generator)
+
+
+def segmented_pass(
+    fn: Callable[[Tensor], tuple[list[Tensor], list[Tensor]]],
+    x: Tensor,
+    row_groups: Tensor,
+    module: nn.Module,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``fn`` on ``x`` with ``module``'s batch norms normalising each group on its own statistics.
+
+    The rows are sorted by group (stably), so each group is a consecutive segment of
+    one pass (:func:`~revisit.learner.encoder.batchnorm_segments`), and every output
+    is put back in ``x``'s row order.
+
+    Args:
+        fn: A batch function returning two lists of (N, ...) tensors (keys, maps).
+        x: (N, ...) input rows.
+        row_groups: (N,) the group of each row (on the CPU).
+        module: The network ``fn`` runs (its :class:`GroupedBatchNorm2d` layers).
+
+    Returns:
+        ``fn(x)``'s lists, each tensor's rows in ``x``'s order.
+    """
+    if x.shape[0] == 0:
+        raise ValueError("segmented_pass needs at least one row")
+    order = torch.argsort(row_groups, stable=True)
+    counts = torch.bincount(row_groups)
+    segments = counts[counts > 0].tolist()
+    inverse = torch.argsort(order).to(x.device)
+    sorted_x = x[order.to(x.device)].contiguous(memory_format=_memory_format(x))
+    with batchnorm_segments(module, segments):
+        keys, maps = fn(sorted_x)
+    return [t[inverse] for t in keys], [t[inverse] for t in maps]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _QuerySide(nn.Module):
     """The query encoder, its heads and the geo head: what DDP wraps and averages.
 
@@ -188,8 +286,11 @@ class _QuerySide(nn.Module):
         self.heads = model.heads
         self.geo_head = model.geo_head
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        h = self.encoder(x)
+    def forward(self, x: Tensor, splits: int = 1) -> tuple[list[Tensor], Tensor | None]:
+        # The batch-norm groups of the query batch: contiguous chunks (query_groups).
+        segments = [len(c) for c in torch.arange(x.shape[0]).tensor_split(splits)]
+        with batchnorm_segments(self.encoder, segments):
+            h = self.encoder(x)
         out = [head(h) for head in self.heads]
         geo = None if self.geo_head is None else self.geo_head(l2_normalize(out[0]))
         return out, geo
@@ -294,6 +395,22 @@ class Trainer:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return self._to_device(x)
 
+    def _key_pass(
+        self,
+        fn: Callable[[Tensor], tuple[list[Tensor], list[Tensor]]],
+        x: Tensor,
+        locations: Tensor,
+        groups: Tensor | None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``fn`` on the key rows ``x``, whose ``locations`` index the batch's rows.
+
+        With ``groups`` (each location's key group, :func:`key_groups`) every group is
+        a pass of its own; without, one pass over all rows.
+        """
+        if groups is None:
+            return fn(x)
+        return segmented_pass(fn, x, groups[locations], self.model.key_encoder)
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
@@ -326,16 +443,28 @@ class Trainer:
             group["lr"] = learning_rate(
                 self.settings, batch.step - self.start_step, self.dist.world_size
             )
+        # Batch-norm groups (shuffle-BN, key_groups): None is one group for each side.
+        splits = min(self.settings.bn_splits, n)
+        groups = step_key_groups(self.settings, batch.step, n)
+        locations = torch.arange(n)
         # Key side on the un-augmented images: R's embeddings and the keys of the loss.
         keyed = self._key_view(
             torch.cat([batch.x_query, batch.x_positive, batch.x_longterm[valid]], dim=0)
         )
         dense = self.settings.change_distance == "dense"
-        with self._autocast():
+
+        def keys_and_maps(x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
             if dense:
-                key_list, maps = model.key_with_maps(keyed, DEFAULT_DENSE_DEPTH)
-            else:
-                key_list, maps = model.key(keyed), []
+                return model.key_with_maps(x, DEFAULT_DENSE_DEPTH)
+            return model.key(x), []
+
+        with self._autocast():
+            key_list, maps = self._key_pass(
+                keys_and_maps,
+                keyed,
+                torch.cat([locations, locations, torch.nonzero(valid).flatten()]),
+                groups,
+            )
             keys = [k.float() for k in key_list]
         f_query, f_positive = keys[0][:n], keys[0][n : 2 * n]
         f_longterm = torch.zeros_like(f_query)
@@ -347,10 +476,14 @@ class Trainer:
                 raise ValueError("a seco batch needs its SeCo views")
             k0, k1, k2 = assert_views
             with self._autocast():
-                seco_keys = [
-                    k.float() for k in model.key(self._key_view(torch.cat([k0, k1, k2], dim=0)))
-                ]
-                projected, _ = self._query_side(self._to_device(batch.query_view))
+                seco_key_list, _ = self._key_pass(
+                    lambda x: (model.key(x), []),
+                    self._key_view(torch.cat([k0, k1, k2], dim=0)),
+                    locations.repeat(3),
+                    groups,
+                )
+                seco_keys = [k.float() for k in seco_key_list]
+                projected, _ = self._query_side(self._to_device(batch.query_view), splits)
                 queries = [q.float() for q in projected]
             # Per head (k0, k1, k2) of every rank: the other ranks' rows are in-batch
             # negatives here as they would be in one process with the global batch.
@@ -385,7 +518,9 @@ class Trainer:
             ]
         else:
             with self._autocast():
-                projections, geo_logits = self._query_side(self._to_device(batch.query_view))
+                projections, geo_logits = self._query_side(
+                    self._to_device(batch.query_view), splits
+                )
                 query = projections[0].float()
             positive = f_query if self.method == "moco" else f_positive
             mode = _CACO_MODE[self.method]

@@ -16,15 +16,21 @@ from revisit.db import learning
 from revisit.errors import ConfigError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
+from revisit.learner.encoder import GroupedBatchNorm2d, batchnorm_segments
 from revisit.learner.loader import RawBatch, assemble_batch
 from revisit.learner.mining import TupleBatch
 from revisit.learner.online import OnlineLearner
 from revisit.learner.trainer import (
     Trainer,
+    _QuerySide,
     effective_lr,
+    key_groups,
     learner_augment,
     learning_rate,
+    query_groups,
     resolve_device,
+    segmented_pass,
+    step_key_groups,
 )
 from tests.learner.conftest import learner_settings
 
@@ -244,3 +250,116 @@ def test_the_step_measures_r_with_the_configured_distance(distance: str) -> None
     np.testing.assert_allclose(
         result.ratio[valid.numpy()], long / (short[valid.numpy()] + 1e-4), rtol=1e-4
     )
+
+
+def test_key_groups_never_hold_a_locations_query_group_and_are_balanced() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for n, splits in ((64, 4), (10, 3), (7, 2), (64, 8)):
+        groups = key_groups(n, splits, generator)
+        own = query_groups(n, splits)
+        assert (groups != own).all()
+        counts = torch.bincount(groups, minlength=splits)
+        assert int(counts.max() - counts.min()) <= 1 + n % splits
+        # Each query group's members are spread over every other group.
+        for g in range(splits):
+            assert set(groups[own == g].tolist()) == set(range(splits)) - {g} or n < splits**2
+    assert key_groups(16, 4, torch.Generator().manual_seed(3)).tolist() == (
+        key_groups(16, 4, torch.Generator().manual_seed(3)).tolist()
+    )
+    with pytest.raises(ValueError, match="splits"):
+        key_groups(4, 1, generator)
+    with pytest.raises(ValueError, match="splits"):
+        key_groups(4, 5, generator)
+    settings = LearnerSettings(bn_splits=4)
+    assert step_key_groups(LearnerSettings(), 5, 64) is None  # one group by default
+    assert step_key_groups(settings, 5, 1) is None
+    assert step_key_groups(settings, 5, 3) is not None  # min(splits, n) groups
+    assert step_key_groups(settings, 5, 64).tolist() == step_key_groups(settings, 5, 64).tolist()
+    assert step_key_groups(settings, 5, 64).tolist() != step_key_groups(settings, 6, 64).tolist()
+
+
+def test_a_segmented_pass_normalises_each_group_on_its_own_statistics() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), GroupedBatchNorm2d(4)).train()
+    plain = torch.nn.BatchNorm2d(4).train()
+    plain.load_state_dict(net[1].state_dict())
+    x = torch.randn(10, 3, 5, 5) * torch.arange(1, 11.0)[:, None, None, None]
+    rows = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1, 1, 0])
+    (out,), (again,) = segmented_pass(lambda t: ([net(t)], [2 * net(t)]), x, rows, net)
+    for g in (0, 1, 2):
+        members = rows == g
+        expected = plain(net[0](x[members]))
+        torch.testing.assert_close(out[members], expected)
+        torch.testing.assert_close(again[members], 2 * expected)
+    assert not torch.allclose(out, plain(net[0](x)))  # one batch would share the statistics
+    assert net[1].segments is None  # only within the pass
+    # Outside a pass, and in eval mode, it is plain batch norm.
+    torch.testing.assert_close(net(x), plain(net[0](x)))
+    with batchnorm_segments(net, [5, 5]):
+        net.eval()
+        plain.load_state_dict(net[1].state_dict())
+        plain.eval()
+        torch.testing.assert_close(net(x), plain(net[0](x)))
+        net.train()
+        with pytest.raises(ValueError, match="do not add up"):
+            net(x[:3])
+    with pytest.raises(ValueError, match="at least one row"):
+        segmented_pass(lambda t: ([t], []), x[:0], rows[:0], net)
+
+
+def test_shuffle_bn_measures_r_on_each_locations_key_group() -> None:
+    """With bn_splits the step's keys and maps are those of one pass per key group."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from revisit.learner.change import DEFAULT_DENSE_DEPTH, dense_distance
+
+    settings = LearnerSettings(queue_size=64, crop_size=32, lr_warmup_steps=0, bn_splits=2)
+    rng = np.random.default_rng(2)
+    n = 6
+    chips = rng.integers(300, 3000, size=(3, n, 12, 64, 64), dtype=np.uint16)
+    tuples = TupleBatch(
+        location_id=np.arange(n),
+        query_id=np.arange(n),
+        positive_id=np.arange(n, 2 * n),
+        longterm_id=np.array([12, -1, 14, 15, 16, 17]),
+        query_time=np.full(n, 4e8),
+        longterm_time=np.full(n, 3e8),
+    )
+    raw = RawBatch(step=7, tuples=tuples, query=chips[0], positive=chips[1], longterm=chips[2])
+    batch = assemble_batch(
+        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
+    )
+    trainer = Trainer(settings)
+    before = copy.deepcopy(trainer.model)
+    groups = step_key_groups(settings, 7, n)
+    assert groups is not None
+    valid = batch.longterm_valid
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
+
+    long, short = np.full(n, np.nan), np.zeros(n)
+    for g in (0, 1):
+        own = groups == g
+        k = int(own.sum())
+        lt = own & valid
+        _, maps = before.key_with_maps(
+            view(torch.cat([batch.x_query[own], batch.x_positive[own], batch.x_longterm[lt]])),
+            DEFAULT_DENSE_DEPTH,
+        )
+        short[own.numpy()] = dense_distance([m[:k] for m in maps], [m[k : 2 * k] for m in maps])
+        long[lt.numpy()] = dense_distance(
+            [m[:k][valid[own]] for m in maps], [m[2 * k :] for m in maps]
+        )
+    result = trainer.train_step(batch, changed=np.zeros(n, dtype=bool))
+
+    assert np.isfinite(result.loss)
+    np.testing.assert_allclose(result.short_dist, short, rtol=1e-4)
+    np.testing.assert_allclose(result.long_dist, long, rtol=1e-4)
+    # The query side ran in the two chunks of query_groups, each on its own statistics.
+    x = torch.randn(4, 12, 32, 32)
+    side = _QuerySide(before)
+    (split,), _ = side(x, 2)
+    halves = torch.cat([before.heads[0](before.encoder(h)) for h in (x[:2], x[2:])])
+    torch.testing.assert_close(split, halves)
