@@ -178,15 +178,15 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def query_groups(n: int, splits: int) -> Tensor:
-    """The batch-norm group of each of ``n`` query rows: ``splits`` contiguous chunks.
+def query_segments(n: int, splits: int) -> list[int]:
+    """Row counts of the ``splits`` contiguous chunks (as :meth:`torch.Tensor.tensor_split`
+    cuts them) in which the query side normalises a batch of ``n``."""
+    return [len(c) for c in torch.arange(n).tensor_split(splits)]
 
-    The chunks are those of :meth:`torch.Tensor.tensor_split`, which the query side's
-    forward normalises one at a time.
-    """
-    return torch.cat(
-        [torch.full((len(c),), g) for g, c in enumerate(torch.arange(n).tensor_split(splits))]
-    )
+
+def query_groups(n: int, splits: int) -> Tensor:
+    """The batch-norm group of each of ``n`` query rows: its chunk of :func:`query_segments`."""
+    return torch.repeat_interleave(torch.arange(splits), torch.tensor(query_segments(n, splits)))
 
 
 def key_groups(n: int, splits: int, generator: torch.Generator) -> Tensor:
@@ -287,9 +287,7 @@ class _QuerySide(nn.Module):
         self.geo_head = model.geo_head
 
     def forward(self, x: Tensor, splits: int = 1) -> tuple[list[Tensor], Tensor | None]:
-        # The batch-norm groups of the query batch: contiguous chunks (query_groups).
-        segments = [len(c) for c in torch.arange(x.shape[0]).tensor_split(splits)]
-        with batchnorm_segments(self.encoder, segments):
+        with batchnorm_segments(self.encoder, query_segments(x.shape[0], splits)):
             h = self.encoder(x)
         out = [head(h) for head in self.heads]
         geo = None if self.geo_head is None else self.geo_head(l2_normalize(out[0]))
@@ -404,8 +402,9 @@ class Trainer:
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``fn`` on the key rows ``x``, whose ``locations`` index the batch's rows.
 
-        With ``groups`` (each location's key group, :func:`key_groups`) every group is
-        a pass of its own; without, one pass over all rows.
+        With ``groups`` (each location's key group, :func:`key_groups`) the batch norms
+        normalise each group on its own statistics (:func:`segmented_pass`); without,
+        over all rows.
         """
         if groups is None:
             return fn(x)

@@ -17,7 +17,7 @@ from revisit.errors import ConfigError
 from revisit.ingest.chips import ChipStore
 from revisit.learner import checkpoint as ckpt
 from revisit.learner.encoder import GroupedBatchNorm2d, batchnorm_segments
-from revisit.learner.loader import RawBatch, assemble_batch
+from revisit.learner.loader import RawBatch, TrainBatch, assemble_batch
 from revisit.learner.mining import TupleBatch
 from revisit.learner.online import OnlineLearner
 from revisit.learner.trainer import (
@@ -197,6 +197,28 @@ def test_a_new_model_starts_its_schedule_at_its_own_first_step(
         assert learner.trainer.start_step == 3  # resumed from its checkpoint
 
 
+def _random_batch(
+    settings: LearnerSettings, longterm_id: np.ndarray, *, step: int, seed: int
+) -> TrainBatch:
+    """A caco batch of random 64 px chips, a row per entry of ``longterm_id`` (-1: none)."""
+    n = len(longterm_id)
+    chips = np.random.default_rng(seed).integers(
+        300, 3000, size=(3, n, 12, 64, 64), dtype=np.uint16
+    )
+    tuples = TupleBatch(
+        location_id=np.arange(n),
+        query_id=np.arange(n),
+        positive_id=np.arange(n, 2 * n),
+        longterm_id=longterm_id,
+        query_time=np.full(n, 4e8),
+        longterm_time=np.full(n, 3e8),
+    )
+    raw = RawBatch(step=step, tuples=tuples, query=chips[0], positive=chips[1], longterm=chips[2])
+    return assemble_batch(
+        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
+    )
+
+
 @pytest.mark.parametrize("distance", ["dense", "embedding"])
 def test_the_step_measures_r_with_the_configured_distance(distance: str) -> None:
     import copy
@@ -208,21 +230,9 @@ def test_the_step_measures_r_with_the_configured_distance(distance: str) -> None
     settings = LearnerSettings(
         queue_size=64, crop_size=32, lr_warmup_steps=0, change_distance=distance
     )
-    rng = np.random.default_rng(1)
     n = 4
-    chips = rng.integers(300, 3000, size=(3, n, 12, 64, 64), dtype=np.uint16)
-    tuples = TupleBatch(
-        location_id=np.arange(n),
-        query_id=np.arange(n),
-        positive_id=np.arange(n, 2 * n),
-        longterm_id=np.array([8, -1, 10, 11]),  # row 1 has no long-term image
-        query_time=np.full(n, 4e8),
-        longterm_time=np.full(n, 3e8),
-    )
-    raw = RawBatch(step=1, tuples=tuples, query=chips[0], positive=chips[1], longterm=chips[2])
-    batch = assemble_batch(
-        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
-    )
+    # Row 1 has no long-term image.
+    batch = _random_batch(settings, np.array([8, -1, 10, 11]), step=1, seed=1)
     trainer = Trainer(settings)
     before = copy.deepcopy(trainer.model)  # the key side as the step sees it
     valid = batch.longterm_valid
@@ -274,8 +284,10 @@ def test_key_groups_never_hold_a_locations_query_group_and_are_balanced() -> Non
     assert step_key_groups(LearnerSettings(), 5, 64) is None  # one group by default
     assert step_key_groups(settings, 5, 1) is None
     assert step_key_groups(settings, 5, 3) is not None  # min(splits, n) groups
-    assert step_key_groups(settings, 5, 64).tolist() == step_key_groups(settings, 5, 64).tolist()
-    assert step_key_groups(settings, 5, 64).tolist() != step_key_groups(settings, 6, 64).tolist()
+    drawn = [step_key_groups(settings, step, 64) for step in (5, 5, 6)]
+    assert all(g is not None for g in drawn)
+    first, again, other = (g.tolist() for g in drawn if g is not None)
+    assert first == again != other  # drawn from the seed and the step alone
 
 
 def test_a_segmented_pass_normalises_each_group_on_its_own_statistics() -> None:
@@ -315,21 +327,8 @@ def test_shuffle_bn_measures_r_on_each_locations_key_group() -> None:
     from revisit.learner.change import DEFAULT_DENSE_DEPTH, dense_distance
 
     settings = LearnerSettings(queue_size=64, crop_size=32, lr_warmup_steps=0, bn_splits=2)
-    rng = np.random.default_rng(2)
     n = 6
-    chips = rng.integers(300, 3000, size=(3, n, 12, 64, 64), dtype=np.uint16)
-    tuples = TupleBatch(
-        location_id=np.arange(n),
-        query_id=np.arange(n),
-        positive_id=np.arange(n, 2 * n),
-        longterm_id=np.array([12, -1, 14, 15, 16, 17]),
-        query_time=np.full(n, 4e8),
-        longterm_time=np.full(n, 3e8),
-    )
-    raw = RawBatch(step=7, tuples=tuples, query=chips[0], positive=chips[1], longterm=chips[2])
-    batch = assemble_batch(
-        raw, augment=learner_augment(settings), generator=torch.Generator(), method="caco"
-    )
+    batch = _random_batch(settings, np.array([12, -1, 14, 15, 16, 17]), step=7, seed=2)
     trainer = Trainer(settings)
     before = copy.deepcopy(trainer.model)
     groups = step_key_groups(settings, 7, n)
