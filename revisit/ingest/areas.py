@@ -65,8 +65,9 @@ def parse_bbox(text: str) -> MultiPolygon:
 
     Raises:
         ValueError: The text is not four finite numbers, a coordinate is out of
-            range, or a minimum is not below its maximum (boxes across the
-            antimeridian are not accepted: split them in two).
+            range, a minimum is not below its maximum (boxes across the
+            antimeridian are not accepted: split them in two), or the box is so
+            small that its area is 0 in double precision.
     """
     if not isinstance(text, str):
         raise ValueError(f"a bbox must be text, not {type(text).__name__}")
@@ -106,7 +107,10 @@ def parse_bbox(text: str) -> MultiPolygon:
         )
     if not minlat < maxlat:
         raise ValueError(f"bbox minlat {minlat} is not below maxlat {maxlat}")
-    return MultiPolygon([box(minlon, minlat, maxlon, maxlat)])
+    area = MultiPolygon([box(minlon, minlat, maxlon, maxlat)])
+    if not area.area > 0:  # sides so small that their product underflows to zero
+        raise ValueError(f"bbox {_show(stripped)} is too small: its area is 0 square degrees")
+    return area
 
 
 def _reject_constant(name: str) -> float:

@@ -64,6 +64,7 @@ def test_bbox_extremes() -> None:
         ("170,0,-170,1", "antimeridian"),
         ("1,0,1,1", "minlon 1.0 is not below maxlon 1.0"),
         ("0,2,1,1", "minlat 2.0 is not below maxlat 1.0"),
+        ("-1E-260,-1E-70,0,0", "too small: its area is 0"),
         ("1" * 300, "too long"),
     ],
 )
