@@ -51,22 +51,27 @@ hypothesis.settings.load_profile("revisit")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-#: Exported ONNX graphs, kept for the whole session (one directory per xdist worker), so
-#: that each architecture is traced once a session, not once a test: every test has a data
-#: directory of its own, whose default cache would start empty. In-process settings read it
-#: from the environment, the CLI's subprocesses from :func:`cli_env`. tests/export/
-#: test_graphs.py checks the tracing path and the cache with directories of its own.
-GRAPH_CACHE = Path(tempfile.gettempdir()) / (
-    f"revisit-graphs-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
-    f"-{XDIST_WORKER or 'main'}"
+#: Exported ONNX graphs, kept for the whole run and shared by its xdist workers, so that
+#: each architecture is traced once a run, not once a test (every test has a data directory
+#: of its own, whose default cache would start empty) nor once a worker. The cache writes
+#: by rename, so a worker sees a whole graph or none. The process that pytest started
+#: names it (xdist's workers inherit the name) and removes it at the end. In-process
+#: settings read it from the environment, the CLI's subprocesses from :func:`cli_env`.
+#: tests/export/test_graphs.py checks the tracing path and the cache with directories of
+#: its own.
+_OWN_GRAPH_CACHE = "REVISIT_TEST_GRAPH_CACHE" not in os.environ
+GRAPH_CACHE = Path(
+    os.environ.setdefault(
+        "REVISIT_TEST_GRAPH_CACHE",
+        str(Path(tempfile.gettempdir()) / f"revisit-graphs-{os.getpid()}"),
+    )
 )
 os.environ["REVISIT_EXPORT__GRAPH_CACHE_DIR"] = str(GRAPH_CACHE)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _graph_cache() -> Iterator[None]:
-    yield
-    shutil.rmtree(GRAPH_CACHE, ignore_errors=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _OWN_GRAPH_CACHE:  # the controller (or a run without workers): the workers are done
+        shutil.rmtree(GRAPH_CACHE, ignore_errors=True)
 
 
 def load_bench(name: str) -> ModuleType:
@@ -81,21 +86,59 @@ def load_bench(name: str) -> ModuleType:
     return sys.modules[key]
 
 
+#: The files whose tests use the session's ingested learner world (``learn_world``, and
+#: through it the export tests' trained world): one unit of work under ``make test``, so
+#: that both worlds are made once a run, not once a worker. A file that uses the world and
+#: is missing here is refused at collection.
+SHARE_LEARN_WORLD = (
+    "tests/export/test_export_child.py",
+    "tests/export/test_onnx.py",
+    "tests/export/test_publish.py",
+    "tests/learner/test_cli_learn.py",
+    "tests/learner/test_distributed.py",
+    "tests/learner/test_late_commits.py",
+    "tests/learner/test_online.py",
+    "tests/learner/test_recipe.py",
+)
+LEARN_WORLD_UNIT = "learn-world"
+
 #: The longest units of work (``make test --durations``: a minute or more each), started
 #: first so that no worker is left running one of them alone at the end of the run.
 RUN_FIRST = (
-    "tests/export/",
+    *SHARE_LEARN_WORLD,
     "tests/reliability/test_kill.py",
     "tests/daemon/test_service.py",
-    "tests/learner/test_cli_learn.py",
-    "tests/learner/test_online.py",
     "tests/reliability/test_outage.py",
     "tests/daemon/test_learner_processes.py",
+    "tests/export/test_pairmap.py",
+    "tests/test_cli.py",
 )
 
 
+def _unit(path: str) -> str:
+    """The unit of work of a test file: its own path, or the shared world's."""
+    return LEARN_WORLD_UNIT if path.startswith(SHARE_LEARN_WORLD) else path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest test files first (a stable sort: the rest keep their order)."""
+    """The longest test files first (a stable sort: the rest keep their order).
+
+    Raises:
+        pytest.UsageError: A test uses ``learn_world`` from a file not in SHARE_LEARN_WORLD.
+    """
+    strays = sorted(
+        {
+            path
+            for item in items
+            if "learn_world" in getattr(item, "fixturenames", ())
+            and _unit(path := item.nodeid.split("::", 1)[0]) != LEARN_WORLD_UNIT
+        }
+    )
+    if strays:
+        raise pytest.UsageError(
+            "these files use the learn_world fixture but are not in SHARE_LEARN_WORLD (tests/"
+            f"conftest.py), which makes it once a run: {', '.join(strays)}"
+        )
 
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::", 1)[0]
@@ -105,24 +148,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadfile`` (``make test``), with the export tests as one unit of work.
+    """``--dist loadfile`` (``make test``), with the learn-world files as one unit of work.
 
     A test file's tests stay on one worker, so its module fixtures are made once;
-    the files of tests/export/ stay together, so their session fixture, the
-    trained and published world (about 40 s), is made once too. (xdist's own
-    ``loadgroup`` marks do not take with pytest 9: it sets ``item._nodeid``,
-    which pytest 9 no longer reads.)
+    the files of SHARE_LEARN_WORLD stay together, so their session fixtures, the
+    ingested world and the trained and published world (about 15 + 40 s), are made
+    once too. The units go out in collection order (RUN_FIRST first), not by xdist's
+    default of the most tests first, which would leave the longest for the end.
+    (xdist's own ``loadgroup`` marks do not take with pytest 9: it sets
+    ``item._nodeid``, which pytest 9 no longer reads.)
     """
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class ExportTogether(LoadFileScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "tests/export/" if path.startswith("tests/export/") else path
+    config.option.loadscopereorder = False
 
-    return ExportTogether(config, log)
+    class LearnWorldTogether(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0])
+
+    return LearnWorldTogether(config, log)
 
 
 TEMPLATE = "revisit_test_template"

@@ -107,10 +107,10 @@ def learn(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from revisit.db import learning
     from revisit.db.engine import Database
     from revisit.db.migrate import upgrade
-    from revisit.learner.distributed import Distributed, launched
-    from revisit.learner.online import OnlineLearner, StepReport
+    from revisit.learner.launch import launched
 
     settings = get_settings(ctx)
     if init_from is not None and not new_model:
@@ -138,7 +138,11 @@ def learn(
     def request_stop(signum: int, frame: object) -> None:
         stop.set()
 
-    dist = Distributed.from_environment(settings.learner.device) if launched() else None
+    dist = None
+    if launched():
+        from revisit.learner.distributed import Distributed
+
+        dist = Distributed.from_environment(settings.learner.device)
     main_rank = dist is None or dist.is_main
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     if exit_with_parent:
@@ -147,8 +151,18 @@ def learn(
         with Database(settings) as db:
             if main_rank:
                 upgrade(db.engine)
-            if dist is not None:
+            if dist is None:
+                # A checkpoint of another method is refused before the seconds that the
+                # learner's imports take (the learner checks again: it has other callers).
+                with db.engine.connect() as conn:
+                    latest = learning.latest_model_version(conn)
+                learning.check_resumable(
+                    latest, method or settings.learner.method, new_model=new_model
+                )
+            else:
                 dist.barrier()  # the others wait for rank 0's migrations
+            from revisit.learner.online import OnlineLearner, StepReport  # torch: seconds
+
             with (
                 OnlineLearner(
                     settings=settings,

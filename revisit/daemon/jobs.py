@@ -486,6 +486,8 @@ def learn(*, ctx: JobContext | None = None) -> JobResult:
                     return waiting
                 from revisit.learner.online import OnlineLearner  # torch: seconds to import
 
+                if c.stop.is_set():  # stopped during the import: opening would only delay the exit
+                    return JobResult("skipped", "shutting down")
                 learner = OnlineLearner(settings=c.settings, engine=c.engine, store=c.store)
                 learner.open()
                 slot.learner = learner

@@ -602,6 +602,24 @@ def latest_model_version(conn: Connection) -> ModelVersionRow | None:
     return None if row is None else _model_version(row)
 
 
+def check_resumable(latest: ModelVersionRow | None, method: str, *, new_model: bool) -> None:
+    """Refuse to resume ``latest`` as a learner of ``method``: the learner's first check.
+
+    Light (no torch), so that ``revisit learn`` says it before the seconds of its imports.
+
+    Raises:
+        LearnerError: The newest checkpoint is of another method and ``new_model`` is off.
+    """
+    if latest is None or new_model or latest.method == method:
+        return
+    raise LearnerError(
+        f"this database's learner is at step {latest.step} with method "
+        f"{latest.method!r}, not {method!r}; run with --method {latest.method} "
+        "to go on, or pass --new-model to start a new model (the step counter and "
+        "the change estimates carry on)"
+    )
+
+
 def model_versions(conn: Connection) -> list[ModelVersionRow]:
     """Every checkpoint, ordered by step then id.
 

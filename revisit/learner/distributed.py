@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from revisit.errors import LearnerError
+from revisit.learner.launch import RANK_ENV, launched
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,6 @@ T = TypeVar("T")
 #: How long a collective may wait for the other ranks: a checkpoint on rank 0
 #: (file, transaction) and a database fetch must fit in it.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-
-#: Environment variables a rank of a torchrun (or hand-made) launch has.
-RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def launched() -> bool:
-    """Whether this process is one rank of a multi-process launch (``WORLD_SIZE`` > 1)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
 
 
 def state_digest(module: nn.Module) -> str:

@@ -269,20 +269,14 @@ class OnlineLearner:
             raise
 
     def _resume(self) -> None:
-        trainer = Trainer(self.config, dist=self.dist)
         with self.engine.connect() as conn:
             latest = learning.latest_model_version(conn)
             last_event_step = learning.max_event_step(conn) or 0
             estimates = learning.load_change_estimates(conn)
+        learning.check_resumable(latest, self.method, new_model=self.new_model)
+        trainer = Trainer(self.config, dist=self.dist)
         payload: dict[str, Any] | None = None
         if latest is not None and not self.new_model:
-            if latest.method != self.method:
-                raise LearnerError(
-                    f"this database's learner is at step {latest.step} with method "
-                    f"{latest.method!r}, not {self.method!r}; run with --method {latest.method} "
-                    "to go on, or pass --new-model to start a new model (the step counter and "
-                    "the change estimates carry on)"
-                )
             if latest.checkpoint_key is None:
                 raise LearnerError(
                     f"model version {latest.id} (step {latest.step}) has no checkpoint file"

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ from tests.conftest import TORCH_THREADS, make_tempdir
 
 REVISIT = [sys.executable, "-m", "revisit.cli"]
 
-# A simulated world small enough for a test: four locations near Paris, one
-# tile, acquisitions from June 2025 (over a year, so long-term pairs exist).
+# A simulated world small enough for a test: four locations near Paris, one tile,
+# acquisitions over the last 18 months (over a year, so long-term pairs exist). Counted
+# back from today, not from a fixed day, so the world (and the time each daemon test
+# spends ingesting it) does not grow with every month the suite is run.
 SMALL_WORLD = {
-    "REVISIT_SIMULATED__START": "2025-06-01",
+    "REVISIT_SIMULATED__START": (date.today() - timedelta(days=550)).isoformat(),
     "REVISIT_DAEMON__BOOTSTRAP_BBOX": "[2.30, 48.80, 2.36, 48.84]",
     "REVISIT_DAEMON__BOOTSTRAP_SPACING_M": "2000",
     "REVISIT_DAEMON__INGEST_MAX_SCENES": "500",
