@@ -55,9 +55,18 @@ def test_learn_trains_and_prints_a_summary(
     done = _learn(env, "--steps", "4", "--method", "teco")
     assert done.returncode == 0, done.stderr
     assert "teco" in done.stdout and "last step" in done.stdout
-    again = _learn(env, "--steps", "2", "--method", "caco")
+    # Another method is refused before torch is imported (seconds): the process says so.
+    refuse = (
+        "import sys; from revisit.cli import main;"
+        " status = main(['learn', '--steps', '2', '--method', 'caco']);"
+        " print('torch' in sys.modules); sys.exit(status)"
+    )
+    again = subprocess.run(
+        [sys.executable, "-c", refuse], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 1
     assert "--method teco" in again.stderr and "Traceback" not in again.stderr
+    assert again.stdout.split() == ["False"], again.stdout
     bad = _learn(env, "--steps", "2", "--method", "simclr")
     assert bad.returncode == 2 and "--method" in bad.stderr
     # What it learned goes out as a map.
