@@ -157,13 +157,28 @@ class ContextExecutor(ThreadPoolExecutor):  # type: ignore[misc]
     dependencies (engine, learner, metrics) come from here.
     """
 
-    def __init__(self, ctx: JobContext, running: RunningJobs, *, max_workers: int) -> None:
+    def __init__(
+        self,
+        ctx: JobContext,
+        running: RunningJobs,
+        *,
+        max_workers: int,
+        closing: Callable[[], bool] = lambda: False,
+    ) -> None:
         super().__init__(max_workers=max_workers)
         self._ctx = ctx
         self._tracker = running
+        self._closing = closing
 
     def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
         ctx, tracker = self._ctx, self._tracker
+        if self._closing():
+            # APScheduler's thread looks at the due jobs once more after shutdown() has
+            # stopped the pools, and logs the refused submission as an error with its
+            # traceback (agronholm/apscheduler#985, 3.11 included). A closing service starts
+            # no job: it says so quietly.
+            log.debug("job %s not started: the scheduler is shutting down", job.id)
+            return
 
         def call() -> jobs.JobResult:
             return run_job(ctx, job.id, job.func, tuple(job.args), dict(job.kwargs))
@@ -207,8 +222,12 @@ class DaemonScheduler:
         self._scheduler = BackgroundScheduler(
             jobstores={"default": daemon_db.JobStore(ctx.engine)},
             executors={
-                "default": ContextExecutor(ctx, self.running_jobs, max_workers=d.job_threads),
-                INGEST_EXECUTOR: ContextExecutor(ctx, self.running_jobs, max_workers=1),
+                "default": ContextExecutor(
+                    ctx, self.running_jobs, max_workers=d.job_threads, closing=self._is_closing
+                ),
+                INGEST_EXECUTOR: ContextExecutor(
+                    ctx, self.running_jobs, max_workers=1, closing=self._is_closing
+                ),
             },
             job_defaults={
                 "coalesce": True,
@@ -218,6 +237,9 @@ class DaemonScheduler:
             timezone=UTC,
         )
         ctx.scheduler = self
+
+    def _is_closing(self) -> bool:
+        return self._closing
 
     @property
     def running(self) -> bool:

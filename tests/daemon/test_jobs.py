@@ -196,3 +196,27 @@ def test_bootstrap_gives_an_empty_database_an_aoi_and_locations_once(
     assert jobs.bootstrap(settings, engine) == 0  # not twice
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT name FROM aoi")).scalars().all() == ["demo"]
+
+
+def test_a_shutdown_with_jobs_due_starts_none_and_logs_no_error(
+    engine: sa.Engine,
+    database_url: str,
+    tmp_path: Path,
+    scheduled: list[DaemonScheduler],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Jobs fall due every 0.1 s: while shutdown waits, some always are. APScheduler's
+    # thread looks at them once more after its pools have stopped (agronholm/apscheduler#985).
+    settings = _settings(
+        database_url, tmp_path / "var", sources=["simulated"], ingest_every_s=0.1,
+        learn_every_s=0.1, export_every_s=0.1, refit_every_s=0.1,
+    )  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    scheduler = _start(_context(settings, engine), scheduled)
+    _wait("a learn run", lambda: (r := _job_run(engine, "learn")) and r.runs >= 1)
+    scheduler.ctx.stop.set()
+    scheduler.shutdown()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("not started: the scheduler is shutting down" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
