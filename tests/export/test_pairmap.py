@@ -33,7 +33,7 @@ from revisit.export.pairmap import (
 )
 from revisit.learner.heads import ContrastiveModel
 from revisit.types import CANONICAL_BANDS
-from tests.conftest import SHARED_DATA
+from tests.conftest import GRAPH_CACHE, SHARED_DATA
 
 SIZE = 96
 PIXEL = 10.0
@@ -52,19 +52,32 @@ def random_module() -> EmbeddingModel:
 
 @pytest.fixture(scope="session")
 def random_model(random_module: EmbeddingModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``random_module`` exported to ONNX (patch size 32), its dense model beside it."""
+    """``random_module`` exported to ONNX (patch size 32), its dense model beside it.
+
+    Through the session's graph cache: these tests map pairs; tests/export/test_onnx.py
+    and test_graphs.py test the tracing itself.
+    """
     folder = tmp_path_factory.mktemp("pairmap-model")
     path = folder / "random.embedding.onnx"
     metadata = model_metadata(
         random_module, method="random", step=0, model_version=None, patch_size=32, opset=18
     )
-    export_model(random_module, path, metadata=metadata, opset=18, patch_size=32)
+    export_model(
+        random_module, path, metadata=metadata, opset=18, patch_size=32, graph_cache=GRAPH_CACHE
+    )
     torch.manual_seed(0)
     dense = DenseModel(ContrastiveModel(queue_size=8))
     metadata = model_metadata(
         dense, method="random", step=0, model_version=None, patch_size=32, opset=18
     )
-    export_model(dense, folder / "random.dense.onnx", metadata=metadata, opset=18, patch_size=32)
+    export_model(
+        dense,
+        folder / "random.dense.onnx",
+        metadata=metadata,
+        opset=18,
+        patch_size=32,
+        graph_cache=GRAPH_CACHE,
+    )
     return path
 
 
