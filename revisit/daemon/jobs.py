@@ -647,7 +647,9 @@ def export_onnx(*, ctx: JobContext | None = None) -> JobResult:
 
     The export runs in a child process (:mod:`revisit.export.child`): the
     exporter's memory goes back to the system when it ends, and learning goes on
-    meanwhile (the child reads the committed checkpoint from disk). A child that
+    meanwhile (the checkpoint is read from disk). Once the graph cache holds the
+    graphs, the daemon prepares each model's weights and reference outputs and
+    the child publishes them without importing PyTorch. A child that
     fails or is killed makes a ``failed`` run with the child's message, and
     publishes nothing.
     """
@@ -674,7 +676,7 @@ def export_onnx(*, ctx: JobContext | None = None) -> JobResult:
         "ok",
         f"published {published.version} (step {published.step}, model version "
         f"{published.model_version_id}) to {published.paths['embedding'].parent}"
-        f" in child process {published.pid}",
+        f" in child process {published.pid}{'' if published.torch else ' without PyTorch'}",
     )
 
 

@@ -23,23 +23,24 @@ replaced by the next trace); the cache is an optimisation only, never needed.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-from onnx import numpy_helper
+import numpy.typing as npt
 
 from revisit.fsutil import write_bytes_atomic
 
 if TYPE_CHECKING:
+    import onnx_ir as ir
     from torch import nn
 
-__all__ = ["graph_key", "load_graph", "store_graph"]
+__all__ = ["fill_graph", "graph_key", "graph_path", "load_graph", "store_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def graph_key(module: nn.Module, *, opset: int, output_names: list[str]) -> str:
     Returns:
         A hex sha256.
     """
-    import onnxscript
     import torch
 
     state = [[k, list(v.shape), str(v.dtype)] for k, v in module.state_dict().items()]
@@ -91,8 +91,10 @@ def graph_key(module: nn.Module, *, opset: int, output_names: list[str]) -> str:
         "outputs": output_names,
         "opset": int(opset),
         "torch": torch.__version__,
-        "onnxscript": onnxscript.__version__,
-        "onnx": onnx.__version__,
+        # Read from the installed distributions: importing onnx and onnxscript here would put
+        # them in the memory of a daemon that only asks for a key (the export child runs them).
+        "onnxscript": importlib.metadata.version("onnxscript"),
+        "onnx": importlib.metadata.version("onnx"),
         "source": _source_digest(module),
         "state": state,
     }
@@ -109,6 +111,8 @@ def store_graph(cache_dir: Path, key: str, model: ir.Model) -> None:
         key: :func:`graph_key` of the module.
         model: The exporter's unoptimised model (not changed).
     """
+    import onnx_ir as ir
+
     proto = ir.serde.serialize_model(model)
     for initializer in proto.graph.initializer:
         data_type, dims, name = initializer.data_type, list(initializer.dims), initializer.name
@@ -117,9 +121,14 @@ def store_graph(cache_dir: Path, key: str, model: ir.Model) -> None:
         initializer.dims.extend(dims)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(cache_dir / f"{key}.onnx", proto.SerializeToString())
+        write_bytes_atomic(graph_path(cache_dir, key), proto.SerializeToString())
     except OSError as exc:
         logger.warning("could not keep the exported graph in %s: %s", cache_dir, exc)
+
+
+def graph_path(cache_dir: Path, key: str) -> Path:
+    """The file a graph is kept in (it may not exist)."""
+    return cache_dir / f"{key}.onnx"
 
 
 def load_graph(
@@ -127,9 +136,7 @@ def load_graph(
 ) -> ir.Model | None:
     """The graph kept under ``key`` with ``module``'s weights in it, unoptimised; None on a miss.
 
-    The graph's outputs must be ``output_names`` and every initializer must name a
-    state-dict entry of the same shape and dtype; otherwise the file does not fit
-    (it is logged, and None is returned, so the caller traces afresh).
+    See :func:`fill_graph`.
 
     Args:
         cache_dir: The cache's directory.
@@ -140,7 +147,38 @@ def load_graph(
     Returns:
         The model, ready for the optimiser, or None.
     """
-    path = cache_dir / f"{key}.onnx"
+    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    return fill_graph(cache_dir, key, state, output_names=output_names)
+
+
+def fill_graph(
+    cache_dir: Path,
+    key: str,
+    state: Mapping[str, npt.NDArray[np.generic]],
+    *,
+    output_names: list[str],
+) -> ir.Model | None:
+    """The graph kept under ``key`` with the weights ``state`` in it, unoptimised; None on a miss.
+
+    The graph's outputs must be ``output_names`` and every initializer must name an
+    entry of ``state`` of the same shape and dtype; otherwise the file does not fit
+    (it is logged, and None is returned, so the caller traces afresh). Needs no
+    PyTorch: ``state`` may be an ``.npz`` file opened with ``numpy.load``, whose
+    arrays are read one at a time.
+
+    Args:
+        cache_dir: The cache's directory.
+        key: :func:`graph_key` of the module the weights are of.
+        state: The module's state dict as arrays, by name.
+        output_names: The outputs the graph must have.
+
+    Returns:
+        The model, ready for the optimiser, or None.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    path = graph_path(cache_dir, key)
     if not path.is_file():
         return None
     try:
@@ -157,10 +195,11 @@ def load_graph(
             output_names,
         )
         return None
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
     for initializer in proto.graph.initializer:
-        value = state.get(initializer.name)
+        name = initializer.name
         expected = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+        value = np.ascontiguousarray(state[name]) if name in state else None
         if (
             value is None
             or list(value.shape) != list(initializer.dims)
@@ -169,8 +208,13 @@ def load_graph(
             logger.warning(
                 "ignoring the cached graph %s: its initializer %s does not fit the module",
                 path.name,
-                initializer.name,
+                name,
             )
             return None
-        initializer.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), initializer.name))
-    return ir.serde.deserialize_model(proto)
+        arrays[name] = value
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    # Each array goes into the graph as it is (no protobuf copy of it is made here).
+    for name, initializer_value in model.graph.initializers.items():
+        initializer_value.const_value = ir.Tensor(arrays.pop(name), name=name)
+    return model

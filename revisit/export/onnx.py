@@ -48,22 +48,29 @@ import warnings
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
-import onnx
-import onnx_ir
-import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 import revisit
-from revisit.errors import ExportError, ParityError
+from revisit.errors import ExportError
 from revisit.export import graphs
-from revisit.fsutil import write_bytes_atomic
+from revisit.export.finish import (
+    INPUT_LAYOUT,
+    INPUT_NAME,
+    Output,
+    compare_outputs,
+    finish_model,
+    run_model,
+)
 from revisit.learner.heads import ContrastiveModel, ProjectionHead, l2_normalize
 from revisit.types import CANONICAL_BANDS, DN_SCALE
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 __all__ = [
     "DENSE_LAYERS",
@@ -75,22 +82,20 @@ __all__ = [
     "FeatureModel",
     "FeaturePooling",
     "Output",
+    "doc_string",
     "export_model",
     "model_metadata",
+    "output_names",
     "parity_check",
     "read_metadata",
+    "reference_outputs",
 ]
 
 logger = logging.getLogger(__name__)
 
-Output = Literal["features", "embedding", "dense"]
 #: What a ``features`` model pools: every depth of the encoder (1024-d) or layer4 (512-d).
 FeaturePooling = Literal["levels", "last"]
 
-#: Name of the one input of every exported model.
-INPUT_NAME = "reflectance"
-#: Layout of the input.
-INPUT_LAYOUT = "NCHW"
 #: Smallest chip side the encoder is meant for (its total stride).
 MIN_SIZE = 32
 #: Upper bounds given to the exporter for the dynamic dimensions.
@@ -273,10 +278,19 @@ class DenseModel(nn.Module):
 Exportable = FeatureModel | EmbeddingModel | DenseModel
 
 
-def _output_names(module: Exportable) -> list[str]:
+def output_names(module: Exportable) -> list[str]:
+    """The names of a module's graph outputs: its ``output``, or the dense model's four maps."""
     if isinstance(module, DenseModel):
         return [name for name, _, _ in DENSE_LAYERS]
     return [module.output]
+
+
+def doc_string(module: Exportable) -> str:
+    """The documentation string an exported model of ``module`` carries: its input contract."""
+    return (
+        f"revisit {module.output} model: input {INPUT_NAME} float32 {INPUT_LAYOUT}"
+        f" (N, {len(CANONICAL_BANDS)}, H, W) = DN * {DN_SCALE!r}"
+    )
 
 
 def model_metadata(
@@ -400,39 +414,25 @@ def export_model(
         ExportError: The exporter or the checker failed, or the file could not be
             written (no file is left under ``path`` then).
     """
-    from onnxscript.optimizer import optimize_ir
-
     module.eval()
-    output_names = _output_names(module)
+    names = output_names(module)
     started = time.perf_counter()
     try:
         model: onnx_ir.Model | None = None
         if graph_cache is not None:
-            cache_key = graphs.graph_key(module, opset=opset, output_names=output_names)
-            model = graphs.load_graph(graph_cache, cache_key, module, output_names=output_names)
+            cache_key = graphs.graph_key(module, opset=opset, output_names=names)
+            model = graphs.load_graph(graph_cache, cache_key, module, output_names=names)
         traced = model is None
         if model is None:
-            model = _trace(module, opset=opset, patch_size=patch_size, output_names=output_names)
+            model = _trace(module, opset=opset, patch_size=patch_size, output_names=names)
             if graph_cache is not None:
                 graphs.store_graph(graph_cache, cache_key, model)
-        optimize_ir(model)
-        proto = onnx_ir.serde.serialize_model(model)
-        del model
-        del proto.metadata_props[:]
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key = key
-            entry.value = str(value)
-        proto.doc_string = (
-            f"revisit {module.output} model: input {INPUT_NAME} float32 {INPUT_LAYOUT}"
-            f" (N, {len(CANONICAL_BANDS)}, H, W) = DN * {DN_SCALE!r}"
-        )
-        onnx.checker.check_model(proto, full_check=True)
     except ExportError:
         raise
-    except Exception as exc:  # the exporter and the checker raise many kinds
+    except Exception as exc:  # the exporter raises many kinds
         raise ExportError(f"could not export {module.output} model to {path.name}: {exc}") from exc
-    _save_atomically(proto, path)
+    finish_model(model, path, metadata=metadata, doc_string=doc_string(module))
+    del model
     logger.info(
         "exported %s model %s (opset %d) in %.1f s%s",
         module.output,
@@ -468,13 +468,6 @@ def _trace(
     return program.model
 
 
-def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    try:
-        write_bytes_atomic(path, proto.SerializeToString())
-    except OSError as exc:
-        raise ExportError(f"could not write {path}: {exc}") from exc
-
-
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata properties of an ONNX file.
 
@@ -487,6 +480,8 @@ def read_metadata(path: Path) -> dict[str, str]:
     Raises:
         ExportError: The file is missing or not an ONNX model.
     """
+    import onnx
+
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError, OSError
@@ -528,43 +523,29 @@ def parity_check(
             f"chips_dn must be (N, bands, H, W) uint16, got {chips_dn.dtype} {chips_dn.shape}"
         )
     reflectance = chips_dn.astype(np.float32) * np.float32(DN_SCALE)
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        got_all = session.run(None, {session.get_inputs()[0].name: reflectance})
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime cannot run {onnx_path.name}: {exc}") from exc
+    got_all = run_model(onnx_path, reflectance)
+    return compare_outputs(
+        onnx_path.name,
+        got_all,
+        reference_outputs(module, reflectance),
+        n_chips=int(chips_dn.shape[0]),
+        tolerance=tolerance,
+    )
+
+
+def reference_outputs(
+    module: nn.Module, reflectance: npt.NDArray[np.float32]
+) -> list[npt.NDArray[np.float32]]:
+    """What an exported model of ``module`` must give on ``reflectance``: PyTorch's outputs.
+
+    Args:
+        module: The module (put in eval mode), on the CPU.
+        reflectance: (N, 12, H, W) float32 input.
+
+    Returns:
+        Its outputs, in order.
+    """
     module.eval()
     with torch.inference_mode():
         out = module(torch.from_numpy(reflectance))
-    expected_all = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
-    if len(got_all) != len(expected_all):
-        raise ParityError(
-            f"{onnx_path.name}: onnxruntime gives {len(got_all)} outputs, PyTorch"
-            f" {len(expected_all)}"
-        )
-    diff = 0.0
-    for got, expected in zip(got_all, expected_all, strict=True):
-        if got.shape != expected.shape:
-            raise ParityError(
-                f"{onnx_path.name}: onnxruntime gives shape {got.shape}, PyTorch {expected.shape}"
-            )
-        # Relative to the output's largest magnitude where that exceeds 1: feature maps are
-        # unnormalised (values in the tens), where float32 rounding alone exceeds 1e-4.
-        scale = max(1.0, float(np.max(np.abs(expected))))
-        error = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
-        diff = max(diff, error / scale) if not np.isnan(error) else float("nan")
-        if np.isnan(diff):
-            break
-    if not diff <= tolerance:  # NaN fails too
-        raise ParityError(
-            f"{onnx_path.name} differs from PyTorch by {diff:.3g} (max abs) on"
-            f" {chips_dn.shape[0]} chips; tolerance {tolerance:g}"
-        )
-    logger.info(
-        "parity of %s: max abs difference %.3g on %d chips (tolerance %g)",
-        onnx_path.name,
-        diff,
-        chips_dn.shape[0],
-        tolerance,
-    )
-    return diff
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]

@@ -72,35 +72,40 @@ from revisit.db import exports as export_db
 from revisit.db import learning
 from revisit.db.artifacts import ArtifactRow, delete_artifacts, insert_artifact, list_artifacts
 from revisit.errors import ExportError, RevisitError
-from revisit.export.onnx import (
+from revisit.export import graphs
+from revisit.export.finish import (
     INPUT_LAYOUT,
     INPUT_NAME,
-    DenseModel,
-    EmbeddingModel,
-    FeatureModel,
     Output,
-    export_model,
-    model_metadata,
-    parity_check,
+    compare_outputs,
+    finish_model,
+    run_model,
 )
 from revisit.fsutil import fsync_dir, sha256_file, write_bytes_atomic
 from revisit.ingest.chips import ChipStore
-from revisit.learner import checkpoint as ckpt
-from revisit.learner.heads import ContrastiveModel, upgrade_model_state
 from revisit.memory import trim_heap
 from revisit.types import CANONICAL_BANDS, DN_SCALE
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
+    from revisit.export.onnx import DenseModel, EmbeddingModel, FeatureModel
+    from revisit.learner.heads import ContrastiveModel
+
+# PyTorch (the modules, the checkpoint, the exporter) is imported by the functions that
+# need it: the export child that publishes a prepared export imports this module without it.
+
 __all__ = [
     "EXPORT_DIR",
     "MANIFEST",
     "OUTPUTS",
+    "PreparedExport",
+    "PreparedModel",
     "PublishedModel",
     "export_dir",
     "load_model",
     "outputs_of",
+    "prepare_export",
     "publish_onnx",
     "read_manifest",
     "version_name",
@@ -165,6 +170,50 @@ class PublishedModel:
     reused: bool = False
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """One model of a version, made ready by :func:`prepare_export` for a process without PyTorch.
+
+    Attributes:
+        output: ``features``, ``embedding`` or ``dense``.
+        graph_key: The key of its graph in the graph cache (:func:`.graphs.graph_key`).
+        output_names: The graph's outputs.
+        metadata: The metadata properties the model carries.
+        doc_string: Its documentation string.
+        weights: An ``.npz`` of the module's state dict (the graph's initializers).
+        expected: An ``.npz`` of PyTorch's outputs on the parity chips (``arr_0``, ...).
+    """
+
+    output: Output
+    graph_key: str
+    output_names: tuple[str, ...]
+    metadata: dict[str, str]
+    doc_string: str
+    weights: Path
+    expected: Path
+
+
+@dataclass(frozen=True)
+class PreparedExport:
+    """What :func:`prepare_export` made of one model version: all an export needs of PyTorch.
+
+    Attributes:
+        model_version_id: The ``model_version`` row.
+        name: Its version name.
+        directory: Where its files lie; the caller removes it when done.
+        chips: An ``.npy`` of the parity chips (uint16 digital numbers).
+        created_at: When it was exported (ISO 8601, UTC).
+        models: One per output, in export order.
+    """
+
+    model_version_id: int
+    name: str
+    directory: Path
+    chips: Path
+    created_at: str
+    models: tuple[PreparedModel, ...]
+
+
 def version_name(*, method: str, step: int, model_version_id: int) -> str:
     """The published name of a model version; sorts by time and is unique per row.
 
@@ -224,6 +273,9 @@ def load_model(data_dir: Path, version: learning.ModelVersionRow) -> Contrastive
         ExportError: The row has no checkpoint, or the file is missing, fails its
             hash, or holds another method, step or architecture.
     """
+    from revisit.learner import checkpoint as ckpt
+    from revisit.learner.heads import upgrade_model_state
+
     if version.checkpoint_key is None:
         raise ExportError(
             f"model version {version.id} (step {version.step}) has no checkpoint file"
@@ -265,6 +317,8 @@ def graph_cache_dir(settings: Settings) -> Path | None:
 
 def _contrastive_model(settings: LearnerSettings, *, method: str) -> ContrastiveModel:
     """The model :class:`~revisit.learner.trainer.Trainer` builds for ``method``, untrained."""
+    from revisit.learner.heads import ContrastiveModel
+
     return ContrastiveModel(
         n_heads=3 if method == "seco" else 1,
         queue_size=settings.queue_size,
@@ -281,8 +335,15 @@ def publish_onnx(
     store: ChipStore | None = None,
     model_version_id: int | None = None,
     lock_timeout_s: float = 300.0,
+    prepared: PreparedExport | None = None,
 ) -> PublishedModel:
     """Export, check and publish the newest model version as ONNX.
+
+    With ``prepared`` (from :func:`prepare_export`, for the version being
+    published) the models are made from the graph cache and the prepared
+    weights, and checked against the prepared outputs, without PyTorch; should
+    a cached graph no longer fit, or ``prepared`` be of another version, the
+    export falls back to PyTorch.
 
     Args:
         engine: The database.
@@ -291,6 +352,7 @@ def publish_onnx(
             ``<data_dir>/chips`` by default.
         model_version_id: Publish this model version instead of the newest.
         lock_timeout_s: How long to wait for another publisher to finish.
+        prepared: The version's prepared export, or None to export with PyTorch.
 
     Returns:
         The published version (``reused`` when it had been published before).
@@ -320,6 +382,22 @@ def publish_onnx(
             method=version_row.method, step=version_row.step, model_version_id=version_row.id
         )
         published = _already_published(rows, name, directory, outputs_of(settings))
+        stale = [row.id for row in rows if row.metadata.get("version") == name]
+        if published is None and prepared is not None:
+            if prepared.model_version_id == version_row.id:
+                published = _publish_prepared(
+                    engine=engine,
+                    settings=settings,
+                    version_row=version_row,
+                    prepared=prepared,
+                    stale=stale,
+                )
+            else:
+                logger.info(
+                    "the prepared export is of model version %d, not %d: exporting with PyTorch",
+                    prepared.model_version_id,
+                    version_row.id,
+                )
         if published is None:
             published = _export_and_publish(
                 engine=engine,
@@ -327,7 +405,7 @@ def publish_onnx(
                 store=store,
                 version_row=version_row,
                 name=name,
-                stale=[row.id for row in rows if row.metadata.get("version") == name],
+                stale=stale,
             )
         else:
             logger.info("version %s is already published", name)
@@ -459,6 +537,56 @@ def _parity_chips(engine: Engine, store: ChipStore, n: int) -> npt.NDArray[np.ui
     return np.stack(chips)
 
 
+def _wrappers(settings: Settings) -> list[Callable[[ContrastiveModel], Any]]:
+    """The module of each output, in export order (each holds a copy of an encoder)."""
+    from revisit.export.onnx import DenseModel, EmbeddingModel, FeatureModel
+
+    wrappers: list[Callable[[ContrastiveModel], FeatureModel | EmbeddingModel | DenseModel]] = [
+        functools.partial(FeatureModel, pooling=settings.export.features_pooling),
+        EmbeddingModel,
+    ]
+    if settings.export.dense_model:
+        wrappers.append(DenseModel)
+    return wrappers
+
+
+def _metadata(
+    module: FeatureModel | EmbeddingModel | DenseModel,
+    *,
+    settings: Settings,
+    version_row: learning.ModelVersionRow,
+    name: str,
+    patch_size: int,
+    created_at: datetime,
+) -> dict[str, str]:
+    from revisit.export.onnx import model_metadata
+
+    return model_metadata(
+        module,
+        method=version_row.method,
+        step=version_row.step,
+        model_version=version_row.id,
+        patch_size=patch_size,
+        opset=settings.export.opset,
+        version=name,
+        checkpoint_sha256=str(version_row.metrics.get("sha256", "")),
+        created_at=created_at,
+    )
+
+
+def _new_staging(directory: Path) -> Path:
+    staging = directory / f"{_STAGING_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    staging.mkdir()
+    return staging
+
+
+def _stage_hash(staging: Path, filename: str) -> str:
+    """Hash a staged model and write its ``.sha256`` file beside it."""
+    sha256 = sha256_file(staging / filename)
+    write_bytes_atomic(staging / f"{filename}.sha256", f"{sha256}  {filename}\n".encode())
+    return sha256
+
+
 def _export_and_publish(
     *,
     engine: Engine,
@@ -468,6 +596,8 @@ def _export_and_publish(
     name: str,
     stale: list[int],
 ) -> PublishedModel:
+    from revisit.export.onnx import export_model, parity_check
+
     started = time.perf_counter()
     directory = export_dir(settings.data_dir)
     model = load_model(settings.data_dir, version_row)
@@ -475,39 +605,27 @@ def _export_and_publish(
     trim_heap()  # the checkpoint just read: its pages go back before the exporter's come
     patch_size = int(chips.shape[-1])
     created_at = datetime.now(UTC)
-    stamp = created_at.isoformat(timespec="seconds").replace("+00:00", "Z")
-    staging = directory / f"{_STAGING_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-    staging.mkdir()
+    staging = _new_staging(directory)
     try:
         files: dict[str, str] = {}
         sha256s: dict[str, str] = {}
         diffs: dict[str, float] = {}
         # Each wrapper holds a copy of an encoder: one at a time, each freed before the next.
-        wrappers: list[Callable[[ContrastiveModel], FeatureModel | EmbeddingModel | DenseModel]] = [
-            functools.partial(FeatureModel, pooling=settings.export.features_pooling),
-            EmbeddingModel,
-        ]
-        if settings.export.dense_model:
-            wrappers.append(DenseModel)
-        for wrapper in wrappers:
+        for wrapper in _wrappers(settings):
             module = wrapper(model)
             output = module.output
             filename = f"{name}.{output}.onnx"
-            metadata = model_metadata(
-                module,
-                method=version_row.method,
-                step=version_row.step,
-                model_version=version_row.id,
-                patch_size=patch_size,
-                opset=settings.export.opset,
-                version=name,
-                checkpoint_sha256=str(version_row.metrics.get("sha256", "")),
-                created_at=created_at,
-            )
             export_model(
                 module,
                 staging / filename,
-                metadata=metadata,
+                metadata=_metadata(
+                    module,
+                    settings=settings,
+                    version_row=version_row,
+                    name=name,
+                    patch_size=patch_size,
+                    created_at=created_at,
+                ),
                 opset=settings.export.opset,
                 patch_size=patch_size,
                 graph_cache=graph_cache_dir(settings),
@@ -518,16 +636,257 @@ def _export_and_publish(
                 chips,
                 tolerance=settings.export.parity_tolerance,
             )
-            sha256s[output] = sha256_file(staging / filename)
-            write_bytes_atomic(
-                staging / f"{filename}.sha256", f"{sha256s[output]}  {filename}\n".encode()
-            )
+            sha256s[output] = _stage_hash(staging, filename)
             files[output] = filename
             del module
             trim_heap()
         _move_into_place(staging, directory, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return _record(
+        engine=engine,
+        settings=settings,
+        version_row=version_row,
+        name=name,
+        stale=stale,
+        files=files,
+        sha256s=sha256s,
+        diffs=diffs,
+        n_chips=int(chips.shape[0]),
+        patch_size=patch_size,
+        created_at=created_at,
+        started=started,
+    )
+
+
+def prepare_export(
+    *,
+    engine: Engine,
+    settings: Settings,
+    root: Path,
+    store: ChipStore | None = None,
+    model_version_id: int | None = None,
+) -> PreparedExport | None:
+    """Do the part of an export that needs PyTorch, so that another process can finish it without.
+
+    For each model of the version: its weights (an ``.npz`` of the module's state
+    dict), its metadata, and PyTorch's outputs on the parity chips, written under
+    a new directory in ``root``; :func:`publish_onnx` given the result makes the
+    models from the graph cache, checks them against those outputs and
+    publishes them, importing neither PyTorch nor the exporter. The service
+    does this half in the daemon, which holds PyTorch for its learner anyway,
+    and the rest in its export child (:mod:`revisit.export.child`).
+
+    Nothing is prepared (None) when the graph cache is off or lacks a graph
+    of this version's models (the first export of an architecture traces, and
+    needs PyTorch), or when the version has ``artifact`` rows for every model
+    already (publishing it again is a check of its files, which needs nothing).
+
+    Args:
+        engine: The database.
+        settings: The configuration.
+        root: The directory the prepared directory goes in (made if missing).
+        store: The chip store the parity chips are read from; ``<data_dir>/chips``
+            by default.
+        model_version_id: Prepare this model version instead of the newest.
+
+    Returns:
+        The prepared export (the caller removes its ``directory`` when done), or None.
+
+    Raises:
+        ExportError: As :func:`publish_onnx` for a missing model version, a bad
+            checkpoint or a database with no chip; or the files could not be written.
+    """
+    from revisit.export.onnx import doc_string, output_names, reference_outputs
+
+    cache = graph_cache_dir(settings)
+    if cache is None:
+        return None
+    store = store or ChipStore(settings.data_dir / "chips")
+    with engine.connect() as conn:
+        version_row = _model_version(conn, model_version_id)
+        rows = list_artifacts(conn, kind="onnx")
+    name = version_name(
+        method=version_row.method, step=version_row.step, model_version_id=version_row.id
+    )
+    published = {
+        str(row.metadata.get("output")) for row in rows if row.metadata.get("version") == name
+    }
+    if set(outputs_of(settings)) <= published:
+        return None
+    model = load_model(settings.data_dir, version_row)
+    chips = _parity_chips(engine, store, settings.export.parity_chips)
+    reflectance = chips.astype(np.float32) * np.float32(DN_SCALE)
+    patch_size = int(chips.shape[-1])
+    created_at = datetime.now(UTC)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        directory = root / f"{os.getpid()}-{time.monotonic_ns()}"
+        directory.mkdir()
+    except OSError as exc:
+        raise ExportError(f"cannot prepare the export in {root}: {exc}") from exc
+    try:
+        models: list[PreparedModel] = []
+        for wrapper in _wrappers(settings):
+            module = wrapper(model)
+            names = output_names(module)
+            key = graphs.graph_key(module, opset=settings.export.opset, output_names=names)
+            if not graphs.graph_path(cache, key).is_file():
+                logger.info(
+                    "no cached graph of the %s model yet: the export traces it", module.output
+                )
+                shutil.rmtree(directory, ignore_errors=True)
+                return None
+            weights = directory / f"{module.output}.weights.npz"
+            expected = directory / f"{module.output}.expected.npz"
+            np.savez(
+                weights, **{k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+            )
+            np.savez(expected, *reference_outputs(module, reflectance))
+            models.append(
+                PreparedModel(
+                    output=module.output,
+                    graph_key=key,
+                    output_names=tuple(names),
+                    metadata=_metadata(
+                        module,
+                        settings=settings,
+                        version_row=version_row,
+                        name=name,
+                        patch_size=patch_size,
+                        created_at=created_at,
+                    ),
+                    doc_string=doc_string(module),
+                    weights=weights,
+                    expected=expected,
+                )
+            )
+            del module
+        np.save(directory / "chips.npy", chips)
+    except OSError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ExportError(f"cannot prepare the export in {directory}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    finally:
+        del model
+        trim_heap()
+    return PreparedExport(
+        model_version_id=version_row.id,
+        name=name,
+        directory=directory,
+        chips=directory / "chips.npy",
+        created_at=created_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        models=tuple(models),
+    )
+
+
+def _publish_prepared(
+    *,
+    engine: Engine,
+    settings: Settings,
+    version_row: learning.ModelVersionRow,
+    prepared: PreparedExport,
+    stale: list[int],
+) -> PublishedModel | None:
+    """Publish a prepared export without PyTorch; None when a cached graph no longer fits."""
+    started = time.perf_counter()
+    directory = export_dir(settings.data_dir)
+    cache = graph_cache_dir(settings)
+    try:
+        chips = np.load(prepared.chips)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read the prepared parity chips {prepared.chips}: {exc}") from exc
+    reflectance = chips.astype(np.float32) * np.float32(DN_SCALE)
+    name = prepared.name
+    staging = _new_staging(directory)
+    try:
+        files: dict[str, str] = {}
+        sha256s: dict[str, str] = {}
+        diffs: dict[str, float] = {}
+        for item in prepared.models:
+            filename = f"{name}.{item.output}.onnx"
+            began = time.perf_counter()
+            try:
+                with np.load(item.weights) as state:
+                    model = (
+                        None
+                        if cache is None
+                        else graphs.fill_graph(
+                            cache, item.graph_key, state, output_names=list(item.output_names)
+                        )
+                    )
+                with np.load(item.expected) as saved:
+                    expected = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ExportError(f"cannot read the prepared {item.output} model: {exc}") from exc
+            if model is None:
+                logger.info(
+                    "the cached graph of the %s model no longer fits: exporting with PyTorch",
+                    item.output,
+                )
+                return None
+            finish_model(
+                model, staging / filename, metadata=item.metadata, doc_string=item.doc_string
+            )
+            del model
+            logger.info(
+                "exported %s model %s (opset %d) in %.1f s, its graph from the cache,"
+                " without PyTorch",
+                item.output,
+                filename,
+                settings.export.opset,
+                time.perf_counter() - began,
+            )
+            diffs[item.output] = compare_outputs(
+                filename,
+                run_model(staging / filename, reflectance),
+                expected,
+                n_chips=int(chips.shape[0]),
+                tolerance=settings.export.parity_tolerance,
+            )
+            del expected
+            sha256s[item.output] = _stage_hash(staging, filename)
+            files[item.output] = filename
+            trim_heap()
+        _move_into_place(staging, directory, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _record(
+        engine=engine,
+        settings=settings,
+        version_row=version_row,
+        name=name,
+        stale=stale,
+        files=files,
+        sha256s=sha256s,
+        diffs=diffs,
+        n_chips=int(chips.shape[0]),
+        patch_size=int(chips.shape[-1]),
+        created_at=datetime.fromisoformat(prepared.created_at.replace("Z", "+00:00")),
+        started=started,
+    )
+
+
+def _record(
+    *,
+    engine: Engine,
+    settings: Settings,
+    version_row: learning.ModelVersionRow,
+    name: str,
+    stale: list[int],
+    files: Mapping[str, str],
+    sha256s: dict[str, str],
+    diffs: dict[str, float],
+    n_chips: int,
+    patch_size: int,
+    created_at: datetime,
+    started: float,
+) -> PublishedModel:
+    """The ``artifact`` rows of models now in place, in one transaction; the published version."""
+    directory = export_dir(settings.data_dir)
+    stamp = created_at.isoformat(timespec="seconds").replace("+00:00", "Z")
     artifact_ids: dict[str, int] = {}
     with engine.begin() as conn:
         # Rows of an earlier, incomplete publish of this version (their files were just replaced).
@@ -548,7 +907,7 @@ def _export_and_publish(
                     "step": version_row.step,
                     "model_version_id": version_row.id,
                     "parity_max_abs_diff": diffs[out],
-                    "parity_chips": int(chips.shape[0]),
+                    "parity_chips": n_chips,
                     "parity_tolerance": settings.export.parity_tolerance,
                     "opset": settings.export.opset,
                     "patch_size": patch_size,

@@ -8,14 +8,18 @@ child's own message, and a child killed in the middle publishes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
+import onnx
 import pytest
 
 from revisit.daemon import jobs
@@ -23,7 +27,18 @@ from revisit.daemon.jobs import JobContext, JobResult, run_job
 from revisit.daemon.metrics import Metrics
 from revisit.db import daemon as daemon_db
 from revisit.db.artifacts import list_artifacts
-from revisit.export.publish import MANIFEST, export_dir, version_name
+from revisit.export import graphs
+from revisit.export.child import PREPARED_DIR, publish_in_child
+from revisit.export.onnx import FeatureModel, export_model, model_metadata, read_metadata
+from revisit.export.publish import (
+    MANIFEST,
+    export_dir,
+    graph_cache_dir,
+    load_model,
+    prepare_export,
+    publish_onnx,
+    version_name,
+)
 from revisit.ingest.chips import ChipStore
 from tests.export.conftest import ExportWorld
 
@@ -88,7 +103,9 @@ def test_the_export_job_publishes_from_a_child_process_while_learning_goes_on(
     with ctx.learner.lock:
         result = _run_export(ctx)
     assert result.outcome == "ok", result.detail
-    match = re.search(r"in child process (\d+)$", result.detail)
+    # The graph cache holds the graphs (the world's own publish put them there): the daemon
+    # prepares, and the child publishes without importing PyTorch.
+    match = re.search(r"in child process (\d+) without PyTorch$", result.detail)
     assert match, result.detail
     pid = int(match.group(1))
     assert pid != os.getpid()
@@ -180,3 +197,118 @@ def test_the_export_child_refuses_a_bad_command_line() -> None:
         [sys.executable, "-m", "revisit.export.child"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def _graph_of(path: os.PathLike[str] | str) -> tuple[list[tuple[str, str, tuple[str, ...]]], dict]:
+    """A model's nodes and initializers, leaving its metadata and doc string out."""
+    proto = onnx.load(str(path))
+    nodes = [(n.op_type, n.domain, tuple(n.input)) for n in proto.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return nodes, weights
+
+
+def test_the_child_without_pytorch_writes_the_model_the_exporter_writes(
+    export_world: ExportWorld,
+) -> None:
+    settings = export_world.settings()
+    published = publish_in_child(engine=export_world.engine, settings=settings, prepare=True)
+
+    assert not published.torch and not published.reused
+    assert published.version == _newest_name(export_world)
+    # The prepared files went with the export.
+    assert not list((export_world.data_dir / PREPARED_DIR).iterdir())
+    # The same module exported in this process, with PyTorch, from the same graph cache.
+    newest = export_world.trained.versions[-1]
+    module = FeatureModel(load_model(export_world.data_dir, newest))
+    path = export_world.data_dir / "reference.features.onnx"
+    export_model(
+        module,
+        path,
+        metadata=model_metadata(
+            module,
+            method=newest.method,
+            step=newest.step,
+            model_version=newest.id,
+            patch_size=32,
+            opset=18,
+        ),
+        graph_cache=graph_cache_dir(settings),
+    )
+    nodes, weights = _graph_of(path)
+    got_nodes, got_weights = _graph_of(published.paths["features"])
+    assert got_nodes == nodes
+    assert got_weights.keys() == weights.keys()
+    for name, value in weights.items():
+        np.testing.assert_array_equal(got_weights[name], value, err_msg=name)
+    metadata = read_metadata(published.paths["features"])
+    assert metadata["version"] == published.version
+    assert metadata["model_version"] == str(newest.id)
+
+
+def test_without_preparing_the_child_exports_with_pytorch(export_world: ExportWorld) -> None:
+    published = publish_in_child(
+        engine=export_world.engine, settings=export_world.settings(), prepare=False
+    )
+    assert published.torch and not published.reused
+    assert _manifest_version(export_world) == published.version == _newest_name(export_world)
+
+
+def test_nothing_is_prepared_without_cached_graphs_or_for_a_published_version(
+    export_world: ExportWorld,
+) -> None:
+    root = export_world.data_dir / PREPARED_DIR
+    empty = export_world.data_dir / "empty-graph-cache"
+    cold = export_world.settings(graph_cache_dir=empty)
+    assert prepare_export(engine=export_world.engine, settings=cold, root=root) is None
+    assert not root.exists() or not list(root.iterdir())
+    # The cold cache: the child traces with PyTorch, and fills the cache for next time.
+    published = publish_in_child(engine=export_world.engine, settings=cold)
+    assert published.torch and len(list(empty.glob("*.onnx"))) == 2
+    # That version is published: nothing to prepare, and the child reuses it without PyTorch.
+    assert prepare_export(engine=export_world.engine, settings=cold, root=root) is None
+    again = publish_in_child(engine=export_world.engine, settings=cold)
+    assert again.reused and not again.torch
+
+
+def test_a_cached_graph_that_no_longer_fits_falls_back_to_pytorch(
+    export_world: ExportWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = export_world.settings()
+    own = export_world.data_dir / "own-graph-cache"
+    shutil.copytree(graph_cache_dir(settings), own)
+    settings = export_world.settings(graph_cache_dir=own)
+    prepared = prepare_export(
+        engine=export_world.engine, settings=settings, root=export_world.data_dir / "prepared"
+    )
+    assert prepared is not None and [m.output for m in prepared.models] == [
+        "features",
+        "embedding",
+    ]
+    features, embedding = prepared.models
+    # The features graph replaced by the embedding's: its outputs are not the features'.
+    shutil.copyfile(
+        graphs.graph_path(own, embedding.graph_key), graphs.graph_path(own, features.graph_key)
+    )
+    with caplog.at_level(logging.INFO, logger="revisit.export.publish"):
+        published = publish_onnx(engine=export_world.engine, settings=settings, prepared=prepared)
+    assert "no longer fits: exporting with PyTorch" in caplog.text
+    assert published.version == prepared.name
+    assert read_metadata(published.paths["features"])["output"] == "features"
+
+
+def test_abandoned_prepared_exports_are_removed(export_world: ExportWorld) -> None:
+    root = export_world.data_dir / PREPARED_DIR
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    abandoned = root / f"{int(dead.stdout)}-1"
+    abandoned.mkdir(parents=True)
+    (abandoned / "features.weights.npz").write_bytes(b"left by a killed daemon")
+    published = publish_in_child(
+        engine=export_world.engine, settings=export_world.settings(), prepare=True
+    )
+    assert not published.torch
+    assert not abandoned.exists()
