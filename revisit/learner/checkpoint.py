@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from revisit.errors import LearnerError
-from revisit.fsutil import TMP_SUFFIX, sha256_file, write_bytes_atomic
+from revisit.fsutil import TMP_SUFFIX, fsync_dir, sha256_file, temp_name
 
 #: Version of the file layout; a file of another version is refused with a clear error.
 CHECKPOINT_FORMAT = 1
@@ -67,16 +67,57 @@ def save_checkpoint(data_dir: Path, key: str, payload: Mapping[str, Any]) -> tup
             left under the checkpoint's name.
     """
     target = _path(data_dir, key)
-    buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
-    data = buffer.getvalue()
-    sha256 = hashlib.sha256(data).hexdigest()
+    tmp = temp_name(target)
+    out: _HashingWriter | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(target, data)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {key}: {exc}") from exc
-    return sha256, len(data)
+        with tmp.open("wb") as f:
+            out = _HashingWriter(f)
+            # A file-like object with write and flush is all torch.save asks of one.
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, out)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # torch.save reports a failed write as an unrelated RuntimeError of its zip writer:
+        # the write's own error is the one to give.
+        cause = out.error if out is not None and out.error is not None else exc
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"could not write checkpoint {key}: {cause}") from cause
+        raise
+    return out.digest.hexdigest(), out.size
+
+
+class _HashingWriter:
+    """A file that hashes and counts what is written through it.
+
+    ``torch.save`` writes its zip archive front to back, so the file's sha256 is
+    known once it is written, without a second read and without the checkpoint
+    held in memory as bytes (a ``BytesIO`` and its value were two copies of it:
+    the daemon's peak at every checkpoint).
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            written = self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.digest.update(data)
+        self.size += len(data) if isinstance(data, bytes) else data.nbytes
+        return written
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def load_checkpoint(data_dir: Path, key: str, *, sha256: str | None = None) -> dict[str, Any]:

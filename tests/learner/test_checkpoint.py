@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from revisit.fsutil import sha256_file
 from revisit.learner.checkpoint import (
     CheckpointError,
     checkpoint_key,
@@ -52,6 +55,35 @@ def test_a_failed_write_leaves_nothing_under_the_name(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").write_text("a file where the directory should be")
     with pytest.raises(CheckpointError, match="could not write"):
         save_checkpoint(tmp_path, checkpoint_key("caco", 1), {"step": 1})
+
+
+def test_a_write_that_fails_midway_names_its_cause_and_leaves_no_file(tmp_path: Path) -> None:
+    # A real failing write: the process may not write files beyond 64 KiB (RLIMIT_FSIZE), so
+    # the checkpoint's write fails with EFBIG halfway, as on a disk that fills.
+    script = f"""
+import resource, signal, torch
+from pathlib import Path
+from revisit.learner.checkpoint import CheckpointError, checkpoint_key, save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    payload = {{"w": torch.ones(1 << 16)}}
+    save_checkpoint(Path({str(tmp_path)!r}), checkpoint_key("caco", 1), payload)
+except CheckpointError as exc:
+    print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.startswith("could not write checkpoint checkpoints/caco/step-0000000001.pt:")
+    assert "File too large" in done.stdout, done.stdout
+    assert list((tmp_path / "checkpoints" / "caco").iterdir()) == []
+
+
+def test_the_hash_is_that_of_the_file_written(tmp_path: Path) -> None:
+    key = checkpoint_key("caco", 5)
+    sha, size = save_checkpoint(tmp_path, key, {"w": torch.randn(300, 300), "step": 5})
+    assert sha == sha256_file(tmp_path / key) and size == (tmp_path / key).stat().st_size
 
 
 def test_prune_keeps_the_named_and_removes_orphans_and_temporaries(tmp_path: Path) -> None:
