@@ -211,11 +211,22 @@ def test_the_child_without_pytorch_writes_the_model_the_exporter_writes(
     export_world: ExportWorld,
 ) -> None:
     settings = export_world.settings()
+    # What a killed daemon left (its process is gone) goes at the next export.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    abandoned = export_world.data_dir / PREPARED_DIR / f"{int(dead.stdout)}-1"
+    abandoned.mkdir(parents=True)
+    (abandoned / "features.weights.npz").write_bytes(b"left by a killed daemon")
+
     published = publish_in_child(engine=export_world.engine, settings=settings, prepare=True)
 
     assert not published.torch and not published.reused
     assert published.version == _newest_name(export_world)
-    # The prepared files went with the export.
+    # The prepared files went with the export, and so did the abandoned ones.
     assert not list((export_world.data_dir / PREPARED_DIR).iterdir())
     # The same module exported in this process, with PyTorch, from the same graph cache.
     newest = export_world.trained.versions[-1]
@@ -243,14 +254,6 @@ def test_the_child_without_pytorch_writes_the_model_the_exporter_writes(
     metadata = read_metadata(published.paths["features"])
     assert metadata["version"] == published.version
     assert metadata["model_version"] == str(newest.id)
-
-
-def test_without_preparing_the_child_exports_with_pytorch(export_world: ExportWorld) -> None:
-    published = publish_in_child(
-        engine=export_world.engine, settings=export_world.settings(), prepare=False
-    )
-    assert published.torch and not published.reused
-    assert _manifest_version(export_world) == published.version == _newest_name(export_world)
 
 
 def test_nothing_is_prepared_without_cached_graphs_or_for_a_published_version(
@@ -294,21 +297,3 @@ def test_a_cached_graph_that_no_longer_fits_falls_back_to_pytorch(
     assert "no longer fits: exporting with PyTorch" in caplog.text
     assert published.version == prepared.name
     assert read_metadata(published.paths["features"])["output"] == "features"
-
-
-def test_abandoned_prepared_exports_are_removed(export_world: ExportWorld) -> None:
-    root = export_world.data_dir / PREPARED_DIR
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    abandoned = root / f"{int(dead.stdout)}-1"
-    abandoned.mkdir(parents=True)
-    (abandoned / "features.weights.npz").write_bytes(b"left by a killed daemon")
-    published = publish_in_child(
-        engine=export_world.engine, settings=export_world.settings(), prepare=True
-    )
-    assert not published.torch
-    assert not abandoned.exists()
