@@ -269,7 +269,14 @@ class LearnerSettings(_Section):
         default=0.03,
         gt=0,
         le=10,
-        description="SGD learning rate for a batch of 256; scaled linearly with batch_size.",
+        description="Learning rate for a batch of 256; scaled linearly with batch_size.",
+    )
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd",
+        description=(
+            "sgd: SGD with momentum (MoCo's); adamw: AdamW (MoCo v3's), whose steps move"
+            " every layer alike, where SGD's barely move the deep ones in a short run."
+        ),
     )
     sgd_momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=1e-4, ge=0, le=1)

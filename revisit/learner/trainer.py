@@ -38,6 +38,7 @@ whatever the device.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ from revisit.learner.losses import (
 Method = LearnerMethod
 METHODS: tuple[str, ...] = get_args(Method)
 
+logger = logging.getLogger(__name__)
+
 _CACO_MODE: dict[str, CACoMode] = {
     "caco": "caco",
     "teco": "teco",
@@ -102,7 +105,7 @@ class StepResult:
 
 
 def effective_lr(settings: LearnerSettings, world_size: int = 1) -> float:
-    """The SGD rate: ``lr`` is for a batch of 256 and scales linearly with the batch (Goyal et al.).
+    """The base rate: ``lr`` is for a batch of 256, scaled linearly with the batch (Goyal et al.).
 
     The batch is the global one: ``batch_size`` rows on each of ``world_size``
     processes (:mod:`revisit.learner.distributed`).
@@ -114,8 +117,41 @@ def effective_lr(settings: LearnerSettings, world_size: int = 1) -> float:
     return settings.lr * settings.batch_size * world_size / 256
 
 
+def optimizer_hyperparameters(settings: LearnerSettings) -> dict[str, Any]:
+    """The optimiser's settings other than its rate (which :func:`learning_rate` sets each step)."""
+    if settings.optimizer == "adamw":
+        return {"weight_decay": settings.weight_decay}
+    return {"momentum": settings.sgd_momentum, "weight_decay": settings.weight_decay}
+
+
+def make_optimizer(
+    params: list[nn.Parameter], settings: LearnerSettings, *, world_size: int = 1
+) -> torch.optim.Optimizer:
+    """``learner.optimizer``: SGD with momentum (MoCo v1/v2) or AdamW (MoCo v3).
+
+    Both take ``lr`` for a batch of 256, scaled linearly (:func:`effective_lr`;
+    MoCo v3 scales AdamW's rate the same way). SGD's step is proportional to the
+    gradient, which is small in the deep layers of a freshly initialised
+    ResNet behind batch norm: in a run of a thousand steps their weights move by
+    2 to 15 % of their norm and the encoder stays close to its initialisation.
+    AdamW's step is normalised per parameter, so every layer moves (35 to 99 % in
+    the same budget; docs/probes.md).
+    """
+    lr = effective_lr(settings, world_size)
+    hyper = optimizer_hyperparameters(settings)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, **hyper)
+    return torch.optim.SGD(params, lr=lr, **hyper)
+
+
+def optimizer_kind(state: dict[str, Any]) -> str:
+    """Which optimiser an optimiser state dict is of: ``adamw`` (it has betas) or ``sgd``."""
+    groups = state.get("param_groups") or [{}]
+    return "adamw" if "betas" in groups[0] else "sgd"
+
+
 def learning_rate(settings: LearnerSettings, step: int, world_size: int = 1) -> float:
-    """The SGD rate of a step: linear warm-up, then cosine decay to a floor (or constant).
+    """The rate of a step: linear warm-up, then cosine decay to a floor (or constant).
 
     Step 1 .. ``lr_warmup_steps`` ramp linearly up to :func:`effective_lr`; with the
     ``cosine`` schedule the rate then falls along half a cosine to
@@ -352,11 +388,10 @@ class Trainer:
         #: The learner step before this model's first: its schedule counts from there
         #: (a ``--new-model`` goes on with the database's step counter).
         self.start_step = 0
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = make_optimizer(
             [p for p in self.model.parameters() if p.requires_grad],
-            lr=effective_lr(settings, self.dist.world_size),
-            momentum=settings.sgd_momentum,
-            weight_decay=settings.weight_decay,
+            settings,
+            world_size=self.dist.world_size,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -374,7 +409,20 @@ class Trainer:
         identity statistics (:func:`~revisit.learner.heads.upgrade_model_state`).
         """
         self.model.load_state_dict(upgrade_model_state(state["model"]))
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = optimizer_kind(state["optimizer"])
+        if saved == self.settings.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            # load_state_dict brings back the saved hyperparameters too: the settings win.
+            for group in self.optimizer.param_groups:
+                group.update(optimizer_hyperparameters(self.settings))
+        else:
+            logger.warning(
+                "the checkpoint's optimiser is %s, the settings' %s: the weights are kept and"
+                " the %s state starts afresh",
+                saved,
+                self.settings.optimizer,
+                self.settings.optimizer,
+            )
         self.start_step = int(state.get("start_step", 0))
 
     def set_band_statistics(self, mean: list[float], std: list[float]) -> None:

@@ -362,3 +362,43 @@ def test_shuffle_bn_measures_r_on_each_locations_key_group() -> None:
     (split,), _ = side(x, 2)
     halves = torch.cat([before.heads[0](before.encoder(h)) for h in (x[:2], x[2:])])
     torch.testing.assert_close(split, halves)
+
+
+def test_adamw_trains_and_a_change_of_optimiser_keeps_the_weights(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = LearnerSettings(queue_size=64, crop_size=32, lr_warmup_steps=0)
+    sgd = Trainer(settings)
+    sgd.train_step(
+        _random_batch(settings, np.array([8, 9]), step=1, seed=1), changed=np.zeros(2, bool)
+    )
+    state = sgd.state_dict()
+
+    adamw_settings = settings.model_copy(update={"optimizer": "adamw", "weight_decay": 0.05})
+    adamw = Trainer(adamw_settings)
+    assert isinstance(adamw.optimizer, torch.optim.AdamW)
+    with caplog.at_level("WARNING", logger="revisit.learner.trainer"):
+        adamw.load_state_dict(state)
+    assert "optimiser is sgd, the settings' adamw" in caplog.text
+    for name, value in state["model"].items():  # the weights came over, the state did not
+        torch.testing.assert_close(adamw.model.state_dict()[name], value)
+    assert not adamw.optimizer.state
+    before = adamw.model.encoder.layer4[1].conv2.weight.detach().clone()
+    result = adamw.train_step(
+        _random_batch(adamw_settings, np.array([8, 9]), step=2, seed=2), changed=np.zeros(2, bool)
+    )
+    assert math.isfinite(result.loss)
+    after = adamw.model.encoder.layer4[1].conv2.weight.detach()
+    assert not torch.equal(before, after)
+    assert adamw.optimizer.state  # AdamW's moments now exist
+
+    # The same optimiser resumes its state; the settings' hyperparameters win over the saved.
+    resumed = Trainer(adamw_settings.model_copy(update={"weight_decay": 0.01}))
+    resumed.load_state_dict(adamw.state_dict())
+    assert resumed.optimizer.state
+    assert {g["weight_decay"] for g in resumed.optimizer.param_groups} == {0.01}
+
+
+def test_an_unknown_optimiser_is_refused() -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        LearnerSettings(optimizer="adam")  # type: ignore[arg-type]
