@@ -34,14 +34,14 @@ from revisit.config import LearnerSettings
 from revisit.learner.checkpoint import load_checkpoint_file
 from revisit.learner.trainer import Trainer
 
-STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+#: The query encoder's modules with weights to compare, and the stage each is reported as.
+STAGES = {"conv1": "stem", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}
 
 
 def stage_of(name: str) -> str | None:
     """The stage a query-side weight belongs to (``stem``, ``layer1``…, ``head``), or None."""
     if name.startswith("encoder."):
-        part = name.split(".")[1]
-        return "stem" if part == "conv1" else part if part in STAGES else None
+        return STAGES.get(name.split(".")[1])
     if name.startswith("heads."):
         return "head"
     return None
